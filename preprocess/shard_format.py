@@ -1,0 +1,183 @@
+"""The on-disk contract between preprocessing and every reader: shard names, sample keys, meta and stats.
+
+Everything that writes or reads the output folder of ``preprocess.build_shards`` imports its names from
+here, so the contract is stated once::
+
+    out/meta.json               classes, splits -> shards (name, count, bytes, sha256), settings
+    out/stats.npz, stats.json   training-set pixel statistics (see ``PixelStats``)
+    out/rejected.jsonl          one line per unusable input: {"path", "reason"}
+    out/<split>/<split>-NNNNNN.tar   WebDataset shard, samples shuffled globally
+    out/<split>/<split>-NNNNNN.idx   DALI index of the shard beside it
+
+A sample is ``<key>.jpg`` (the image), ``<key>.cls`` (class index, ASCII decimal) and ``<key>.lbl``
+(the same index as a 4-byte little-endian int32, which DALI reads directly). Keys never contain a dot:
+webdataset and DALI both split key and extension at the first dot.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val")
+META_FILE = "meta.json"
+STATS_FILE = "stats.npz"
+STATS_JSON = "stats.json"
+REJECTED_FILE = "rejected.jsonl"
+
+IMAGE_EXT = "jpg"
+CLASS_EXT = "cls"
+LABEL_EXT = "lbl"
+SAMPLE_EXTS = (IMAGE_EXT, CLASS_EXT, LABEL_EXT)
+INDEX_VERSION = "v1.2"
+
+
+class DatasetError(RuntimeError):
+    """A problem with the user's data or folders; its message is one line naming the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str
+    jpeg: bytes
+    label: int
+
+    def __post_init__(self) -> None:
+        if "." in self.key or "/" in self.key or not self.key:
+            raise ValueError(f"sample key {self.key!r} must be non-empty and contain no '.' or '/'")
+
+
+def shard_name(split: str, index: int) -> str:
+    """``train-000012.tar``: the file name of shard ``index`` of ``split``."""
+    return f"{split}-{index:06d}.tar"
+
+
+def index_path(shard: str | Path) -> Path:
+    """The DALI index file that sits beside a shard."""
+    return Path(shard).with_suffix(".idx")
+
+
+def encode_label(label: int) -> tuple[bytes, bytes]:
+    """The ``cls`` (ASCII decimal) and ``lbl`` (int32 little-endian) components of a label."""
+    return str(int(label)).encode("ascii"), np.int32(label).astype("<i4").tobytes()
+
+
+def _tar_member(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o444
+    info.mtime = 0  # fixed metadata: the same samples give byte-identical shards
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_shard(path: str | Path, samples: Iterable[Sample]) -> int:
+    """Write a WebDataset tar and its DALI index; both appear under their final names only when complete.
+
+    Returns the number of samples written. The index is written first and the tar renamed last, so a
+    shard file that exists is always whole and indexed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_tar = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp_idx = index_path(path).with_name(f".{index_path(path).name}.tmp-{os.getpid()}")
+    lines = []
+    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            cls_bytes, lbl_bytes = encode_label(sample.label)
+            parts = []
+            for ext, data in ((IMAGE_EXT, sample.jpeg), (CLASS_EXT, cls_bytes), (LABEL_EXT, lbl_bytes)):
+                name = f"{sample.key}.{ext}"
+                info = _tar_member(name, len(data))
+                data_offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
+                tar.addfile(info, io.BytesIO(data))
+                parts.append(f"{ext} {data_offset} {len(data)} {name}")
+            lines.append(" ".join(parts))
+    tmp_idx.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
+    os.replace(tmp_idx, index_path(path))
+    os.replace(tmp_tar, path)
+    return len(lines)
+
+
+def write_json_atomic(path: str | Path, payload: object) -> None:
+    """Write JSON under a temporary name, then rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_meta(root: str | Path) -> dict:
+    """The parsed ``meta.json`` of a shard folder, or a one-line ``DatasetError`` saying what to run."""
+    root = Path(root)
+    meta_path = root / META_FILE
+    if not root.is_dir():
+        raise DatasetError(f"data folder {root} does not exist: point data.root at the out= folder of preprocess.build_shards")
+    if not meta_path.is_file():
+        raise DatasetError(
+            f"{meta_path} not found: {root} is not a finished shard folder; run `python -m preprocess.build_shards src=... out={root}`"
+        )
+    try:
+        return json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{meta_path} is not valid JSON ({err}); re-run preprocess.build_shards") from None
+
+
+def shard_paths(root: str | Path, split: str, meta: dict | None = None) -> list[Path]:
+    """The shards of ``split`` listed in ``meta.json``, checked to exist with their index files."""
+    root = Path(root)
+    meta = read_meta(root) if meta is None else meta
+    if split not in meta.get("splits", {}):
+        raise DatasetError(f"{root / META_FILE} has no split {split!r} (it has {sorted(meta.get('splits', {}))})")
+    paths = [root / split / shard["name"] for shard in meta["splits"][split]["shards"]]
+    if not paths:
+        raise DatasetError(f"split {split!r} of {root} has no shards: re-run preprocess.build_shards with images in it")
+    for path in paths:
+        if not path.is_file() or not index_path(path).is_file():
+            raise DatasetError(f"{path} or its .idx is missing: re-run preprocess.build_shards out={root} to finish it")
+    return paths
+
+
+@dataclass(frozen=True)
+class PixelStats:
+    """Training-set pixel statistics, RGB, 0-255 scale, accumulated in float64.
+
+    ``eigval`` is descending and ``eigvec[:, i]`` belongs to ``eigval[i]``.
+    """
+
+    mean_image: np.ndarray  # (size, size, 3)
+    mean: np.ndarray  # (3,)
+    cov: np.ndarray  # (3, 3)
+    eigval: np.ndarray  # (3,)
+    eigvec: np.ndarray  # (3, 3)
+    pixels: int
+
+    FIELDS: Sequence[str] = ("mean_image", "mean", "cov", "eigval", "eigvec", "pixels")
+
+    def save(self, root: str | Path) -> None:
+        """Write ``stats.npz`` and a readable ``stats.json`` (everything but the mean image), atomically."""
+        root = Path(root)
+        tmp = root / f".{STATS_FILE}.tmp-{os.getpid()}.npz"
+        np.savez(tmp, **{name: np.asarray(getattr(self, name)) for name in self.FIELDS})
+        os.replace(tmp, root / STATS_FILE)
+        readable = {name: np.asarray(getattr(self, name)).tolist() for name in self.FIELDS if name != "mean_image"}
+        write_json_atomic(root / STATS_JSON, readable)
+
+    @classmethod
+    def load(cls, root: str | Path) -> PixelStats:
+        path = Path(root) / STATS_FILE
+        if not path.is_file():
+            raise DatasetError(f"{path} not found: run `python -m preprocess.build_shards` to compute the training statistics")
+        with np.load(path) as data:
+            missing = [name for name in cls.FIELDS if name not in data]
+            if missing:
+                raise DatasetError(f"{path} lacks {missing}: it was not written by preprocess.build_shards; rebuild it")
+            return cls(**{name: (int(data[name]) if name == "pixels" else data[name].astype(np.float64)) for name in cls.FIELDS})
