@@ -1,0 +1,172 @@
+"""How fast is build_shards? Compared with a naive Pillow loop and with the codec floor, on ImageNet-like JPEGs.
+
+    python benchmarks/preprocess.py [--images 800] [--workers N] [--image-size 256]
+
+Writes --images synthetic photographs (500x375 and 375x500, 1/f "natural" spectrum, JPEG quality 90, about the
+size of an average ImageNet file) into a temporary ImageFolder tree, then times on the same files:
+
+  build_shards   the real thing: workers processes, shards, index files, exact statistics
+  naive          one process: Pillow open -> resize (shorter side) -> centre crop -> save JPEG -> tar
+  floor          decode + encode alone, the same codec calls as build_shards (libjpeg-turbo, DCT scaling
+                 included), on the same workers: no resizing, no statistics, no tar
+
+and prints images/s, images/s per core and the ratios (targets: >= 3x naive on 2 cores, <= 1.3x the floor),
+plus a single-core breakdown of build_shards' per-image work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing as mp
+import os
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from preprocess.build_shards import build_shards  # noqa: E402
+from preprocess.stats import PixelAccumulator  # noqa: E402
+from preprocess.transcode import decode_jpeg, decode_rgb, encode_jpeg, resize_center_crop  # noqa: E402
+
+
+def natural_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Sum of upsampled noise octaves (amplitude ~ 1/frequency): JPEG sizes close to real photographs."""
+    image = np.zeros((height, width, 3), np.float32)
+    for octave in range(1, 9):
+        cells = 2**octave
+        noise = rng.normal(0, 1, (cells * height // width + 1, cells + 1, 3)).astype(np.float32)
+        image += cv2.resize(noise, (width, height), interpolation=cv2.INTER_CUBIC) * (70 / octave**0.7)
+    image += rng.normal(0, 8, image.shape)
+    return np.clip(image + 120, 0, 255).astype(np.uint8)
+
+
+def write_images(root: Path, count: int, classes: int = 10) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        height, width = (375, 500) if i % 4 else (500, 375)
+        path = root / "train" / f"n{i % classes:08d}" / f"n{i % classes:08d}_{i}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ok, data = cv2.imencode(".jpg", natural_image(rng, height, width), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        path.write_bytes(data.tobytes())
+        paths.append(path)
+    return paths
+
+
+def naive_loop(paths: list[Path], out: Path, size: int, quality: int) -> None:
+    with tarfile.open(out, "w") as tar:
+        for path in paths:
+            image = Image.open(path).convert("RGB")
+            scale = size / min(image.size)
+            image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))))
+            left, top = (image.width - size) // 2, (image.height - size) // 2
+            buffer = io.BytesIO()
+            image.crop((left, top, left + size, top + size)).save(buffer, "JPEG", quality=quality)
+            info = tarfile.TarInfo(f"{path.stem}.jpg")
+            info.size = buffer.tell()
+            buffer.seek(0)
+            tar.addfile(info, buffer)
+
+
+def floor_one(args: tuple[str, int, int]) -> int:
+    """Decode (with the same DCT downscaling) and encode a size x size image: the codec work alone."""
+    path, size, quality = args
+    rgb = decode_rgb(Path(path).read_bytes(), size)
+    return len(encode_jpeg(np.ascontiguousarray(rgb[:size, :size]), quality))
+
+
+def _init_floor_worker() -> None:
+    cv2.setNumThreads(1)
+
+
+def floor(paths: list[Path], workers: int, size: int, quality: int) -> None:
+    with mp.get_context("spawn").Pool(workers, initializer=_init_floor_worker) as pool:
+        pool.map(floor_one, [(str(p), size, quality) for p in paths], chunksize=16)
+
+
+def timed(function, *args, **kwargs) -> float:
+    start = time.perf_counter()
+    function(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def stage_breakdown(paths: list[Path], size: int, quality: int) -> dict[str, float]:
+    """Milliseconds per image of each step of build_shards' per-image work, one core."""
+    cv2.setNumThreads(1)
+    totals = dict.fromkeys(("read", "decode", "resize+crop", "encode", "stats decode", "stats add"), 0.0)
+    stats = PixelAccumulator(size)
+    for path in paths:
+        marks = [time.perf_counter()]
+        data = path.read_bytes()
+        marks.append(time.perf_counter())
+        rgb = decode_rgb(data, size)
+        marks.append(time.perf_counter())
+        crop = resize_center_crop(rgb, size)
+        marks.append(time.perf_counter())
+        jpeg = encode_jpeg(crop, quality)
+        marks.append(time.perf_counter())
+        decoded = decode_jpeg(jpeg)
+        marks.append(time.perf_counter())
+        stats.add(decoded)
+        marks.append(time.perf_counter())
+        for name, start, end in zip(totals, marks, marks[1:], strict=False):
+            totals[name] += end - start
+    return {name: 1000 * value / len(paths) for name, value in totals.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=800, help="number of synthetic JPEGs (default 800)")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes (all cores)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--quality", type=int, default=95)
+    args = parser.parse_args()
+    size, quality, workers = args.image_size, args.quality, args.workers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = write_images(tmp / "src", args.images)
+        mean_kb = sum(p.stat().st_size for p in paths) / len(paths) / 1024
+        print(f"{len(paths)} JPEGs, 500x375 / 375x500, quality 90, mean {mean_kb:.0f} KB; {workers} workers")
+        for path in paths:  # warm the page cache so every contender reads from memory
+            path.read_bytes()
+        seconds = {
+            "build_shards": timed(
+                build_shards,
+                tmp / "src",
+                tmp / "shards",
+                image_size=size,
+                quality=quality,
+                workers=workers,
+                splits=["train"],
+                shard_size=100,
+                show_progress=False,
+            ),
+            "naive": timed(naive_loop, paths, tmp / "naive.tar", size, quality),
+            "floor": timed(floor, paths, workers, size, quality),
+        }
+        breakdown = stage_breakdown(paths[:200], size, quality)
+
+    cores = {"build_shards": workers, "naive": 1, "floor": workers}
+    print(f"\n| method | cores | images/s | images/s per core |\n| --- | --- | --- | --- |")
+    for name, value in seconds.items():
+        rate = len(paths) / value
+        print(f"| {name} | {cores[name]} | {rate:.0f} | {rate / cores[name]:.0f} |")
+    speedup = seconds["naive"] / seconds["build_shards"]
+    overhead = seconds["build_shards"] / seconds["floor"]
+    print(f"\nbuild_shards vs naive loop: {speedup:.2f}x faster (target >= 3x on 2 cores)")
+    print(f"build_shards vs floor:      {overhead:.2f}x the floor's time (target <= 1.3x)")
+    print("\nper image, one core (ms): " + ", ".join(f"{name} {ms:.2f}" for name, ms in breakdown.items()))
+    print(f"total {sum(breakdown.values()):.2f} ms (build_shards also spends time in start-up, planning and tar writing)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The DALI pipelines: train (random crop, flip, PCA lighting, mean), centre crop and ten-crop.
+
+One graph for both devices: ``device="gpu"`` decodes with nvJPEG (``"mixed"``) and augments on the GPU,
+``device="cpu"`` runs every operator on the CPU (``device_id=None``). The random draws (crop corner, flip,
+alpha) are argument inputs and so always live on the CPU; they are identical for both devices.
+
+Every training output is ``(x[crop, flip] + M @ alpha - mean[crop, flip]) / std`` with ``x`` the stored
+0-255 image (see ``pipeline.lighting``). Lighting and the channel mean are folded into
+``crop_mirror_normalize``'s per-sample ``mean`` (``(x + o) - m = x - (m - o)``); a mean image is subtracted
+before the crop, so it is cropped and flipped with the image by construction.
+
+The reader gives every rank a contiguous 1/W of the samples (DALI shards by sample over the concatenated
+tars). Training reshuffles the order of the tars after every epoch with a seed shared by all ranks (so
+the ranks' parts stay disjoint and cover the split) and shuffles samples in a buffer. ``pad_last_batch``
+makes every reader epoch end on a batch boundary, padded by repeating the last sample: the padded tail is
+what ``pipeline.loader`` trims or skips.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.pipeline import DataNode, Pipeline
+
+from pipeline.config import Norm, SplitPlan
+from pipeline.lighting import center_offset, tencrop_offsets
+
+READER = "reader"
+DEBUG_OUTPUTS = ("source_info", "crop_x", "crop_y", "flip", "alpha", "offset")  # tencrop: source_info only
+DALI_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
+
+
+def _read(plan: SplitPlan, seed: int, shuffle_buffer: int) -> tuple[DataNode, DataNode]:
+    return fn.readers.webdataset(
+        paths=[str(p) for p in plan.paths],
+        index_paths=[str(p.with_suffix(".idx")) for p in plan.paths],
+        ext=["jpg", "lbl"],
+        dtypes=[types.UINT8, types.INT32],
+        missing_component_behavior="error",
+        shard_id=plan.rank,
+        num_shards=plan.world_size,
+        pad_last_batch=True,
+        stick_to_shard=not plan.train,
+        random_shuffle=plan.train,
+        initial_fill=max(1, shuffle_buffer),
+        name=READER,
+        **({"shuffle_after_epoch": True, "shuffle_after_epoch_seed": seed} if plan.train else {}),
+    )
+
+
+def _normalize(
+    images: DataNode, x: DataNode | float, y: DataNode | float, flip: DataNode | int, *, plan, mean, std, crop, dtype
+):
+    """Crop at integer corner (x, y), mirror, and compute ``(image - mean) / std`` as CHW."""
+    margin = plan.image_size - crop
+    scale = 1.0 / margin if margin else 0.0
+    return fn.crop_mirror_normalize(
+        images,
+        crop=(crop, crop),
+        crop_pos_x=x * scale,
+        crop_pos_y=y * scale,
+        mirror=flip,
+        mean=mean,
+        std=std,
+        dtype=dtype,
+        output_layout="CHW",
+    )
+
+
+@pipeline_def(enable_checkpointing=True)
+def augment_pipeline(
+    plan: SplitPlan,
+    norm: Norm,
+    *,
+    crop: int,
+    random_crop: bool,
+    flip: bool,
+    sigma: float,
+    dtype: str,
+    gpu: bool,
+    reader_seed: int,
+    shuffle_buffer: int,
+    debug: bool = False,
+):
+    """Outputs ``images, labels`` (plus ``DEBUG_OUTPUTS`` when ``debug``) for ``plan.mode``."""
+    jpegs, labels = _read(plan, reader_seed, shuffle_buffer)
+    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    channel_mean = np.zeros(3, dtype=np.float32)
+    if norm.mean.ndim == 3:
+        images = images - types.Constant(norm.mean.astype(np.float32), device="gpu" if gpu else "cpu")
+    else:
+        channel_mean = norm.mean.astype(np.float32)
+    std = (norm.std if norm.std is not None else np.ones(3)).astype(np.float32).tolist()
+    common = dict(plan=plan, std=std, crop=crop, dtype=DALI_DTYPES[dtype])
+    labels = fn.reshape(labels, shape=[])
+
+    if plan.mode == "tencrop":
+        patches = [
+            _normalize(images, float(x), float(y), mirror, mean=channel_mean.tolist(), **common)
+            for mirror in (0, 1)
+            for x, y in tencrop_offsets(plan.image_size, crop)
+        ]
+        stacked = fn.stack(*patches, axis=0, axis_name="F")
+        return (stacked, labels, fn.get_property(jpegs, key="source_info")) if debug else (stacked, labels)
+
+    # Switched-off draws are degenerate distributions, so every output exists in every mode.
+    augment = plan.train
+    positions = (
+        [float(v) for v in range(plan.image_size - crop + 1)]
+        if augment and random_crop
+        else [float(center_offset(plan.image_size, crop))]
+    )
+    x, y = fn.random.uniform(values=positions), fn.random.uniform(values=positions)
+    mirror = fn.random.coin_flip(probability=0.5 if augment and flip else 0.0)
+    lighting = augment and norm.lighting is not None
+    alpha = fn.random.normal(shape=[3], stddev=sigma if lighting else 0.0)
+    matrix = (norm.lighting if lighting else np.zeros((3, 3))).astype(np.float32)
+    offset = (
+        alpha[0] * types.Constant(matrix[:, 0])
+        + alpha[1] * types.Constant(matrix[:, 1])
+        + alpha[2] * types.Constant(matrix[:, 2])
+    )
+    out = _normalize(images, x, y, mirror, mean=types.Constant(channel_mean) - offset, **common)
+    if not debug:
+        return out, labels
+    return out, labels, fn.get_property(jpegs, key="source_info"), x, y, mirror, alpha, offset
+
+
+def build_pipeline(
+    plan: SplitPlan,
+    norm: Norm,
+    spec,
+    *,
+    seed: int,
+    gpu: bool,
+    device_id: int | None,
+    threads: int,
+    checkpoint: bytes | None = None,
+    debug: bool = False,
+) -> Pipeline:
+    """A built pipeline for this rank; ``checkpoint`` resumes the reader position and every random state.
+
+    The augmentation seed differs per rank (independent draws); the shard-order seed is shared (disjoint parts).
+    """
+    pipe = augment_pipeline(
+        plan,
+        norm,
+        crop=spec.crop_size,
+        random_crop=spec.random_crop,
+        flip=spec.flip,
+        sigma=spec.lighting_sigma,
+        dtype=spec.dtype,
+        gpu=gpu,
+        reader_seed=seed,
+        shuffle_buffer=spec.shuffle_buffer,
+        debug=debug,
+        batch_size=plan.batch,
+        num_threads=threads,
+        device_id=device_id if gpu else None,
+        seed=seed * 1000 + plan.rank + 1,
+        prefetch_queue_depth=spec.prefetch,
+        checkpoint=checkpoint,
+    )
+    pipe.build()
+    return pipe
+
+
+def reader_batches(pipe: Pipeline, plan: SplitPlan) -> int:
+    """Batches in one reader epoch of this rank (the padded shard size, rounded up to whole batches)."""
+    meta = pipe.reader_meta(READER)
+    per_shard = -(-meta["epoch_size_padded"] // plan.world_size)
+    return -(-per_shard // plan.batch)

@@ -1,0 +1,354 @@
+"""ImageNet -> WebDataset shards of size x size JPEGs, plus meta.json, stats.npz and rejected.jsonl.
+
+    python -m preprocess.build_shards src=/data/imagenet out=/data/shards [workers=8 image_size=256 ...]
+
+How it runs, so that the output is byte-identical whatever the number of workers, and restartable:
+
+1. ``layouts.scan`` lists every input with its key and class; records are sorted by key.
+2. Planning: per split, a seeded permutation of the records, cut into consecutive shards of ``shard_size``.
+   Which sample goes into which shard is fixed here, before anything is decoded.
+3. Worker processes each write whole shards (temporary name, then rename) and, beside each shard, a part
+   file ``out/parts/<split>-NNNNNN.npz`` holding its exact float64 pixel sums, sha256 and rejected inputs.
+   A shard whose part file exists is complete and is skipped on a re-run (resume after a kill).
+   An image found unusable while decoding leaves its shard one sample shorter and is listed in rejected.jsonl.
+4. When every part file exists, the parts are merged: stats.npz/stats.json, rejected.jsonl, then meta.json
+   (written last: a folder with meta.json is finished). ``part=i parts=N`` writes only shards i, i+N, i+2N...
+   so N jobs can share the work; whichever finishes last merges (the merge is deterministic, so two jobs
+   merging at once write the same files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from preprocess.layouts import Dataset, Record, scan
+from preprocess.shard_format import (
+    META_FILE,
+    REJECTED_FILE,
+    SPLITS,
+    DatasetError,
+    Sample,
+    shard_name,
+    write_json_atomic,
+    write_shard,
+)
+from preprocess.stats import PixelAccumulator
+from preprocess.transcode import DEFAULT_MAX_PIXELS, UnusableImage, decode_jpeg, transcode
+
+PARTS_DIR = "parts"
+PLAN_FILE = "plan.json"
+PROGRESS_EVERY = 16  # images between progress messages from a worker
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Everything a worker needs to write one shard: its samples in order and the transcoding settings."""
+
+    out: str
+    split: str
+    index: int
+    items: tuple[tuple[Record, int], ...]
+    image_size: int
+    quality: int
+    max_pixels: int
+
+    @property
+    def path(self) -> Path:
+        return Path(self.out) / self.split / shard_name(self.split, self.index)
+
+    @property
+    def part_path(self) -> Path:
+        return part_path(self.out, self.split, self.index)
+
+
+def part_path(out: str | Path, split: str, index: int) -> Path:
+    return Path(out) / PARTS_DIR / f"{split}-{index:06d}.npz"
+
+
+def plan_split(
+    records: Sequence[Record], labels: Sequence[int], shard_size: int, seed: int, split: str
+) -> list[list[tuple[Record, int]]]:
+    """Shuffle (seeded per split) and cut into shards: the whole assignment, fixed before any decoding."""
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    order = rng.permutation(len(records))
+    items = [(records[i], labels[i]) for i in order]
+    return [items[start : start + shard_size] for start in range(0, len(items), shard_size)]
+
+
+def plan_tasks(dataset: Dataset, out: Path, settings: dict) -> list[ShardTask]:
+    """Every shard of every split, in a fixed order (train shards first)."""
+    index = dataset.class_index
+    size, quality, max_pixels = settings["image_size"], settings["quality"], settings["max_pixels"]
+    tasks = []
+    for split, records in dataset.records.items():
+        labels = [index[record.wnid] for record in records]
+        shards = plan_split(records, labels, settings["shard_size"], settings["seed"], split)
+        tasks += [
+            ShardTask(str(out), split, i, tuple(items), size, quality, max_pixels) for i, items in enumerate(shards)
+        ]
+    return tasks
+
+
+def plan_fingerprint(tasks: Sequence[ShardTask], classes: Sequence[tuple[str, str]], settings: dict) -> str:
+    """sha256 over everything that determines the shards' bytes (not where the source files live)."""
+    digest = hashlib.sha256(json.dumps({"settings": settings, "classes": [w for w, _ in classes]}).encode())
+    for task in tasks:
+        digest.update(f"{task.split}/{task.index}:".encode())
+        digest.update(" ".join(f"{record.key}={label}" for record, label in task.items).encode())
+    return digest.hexdigest()
+
+
+def _describe_difference(old: dict, new: dict) -> str:
+    changed = [
+        f"{key} {old['settings'].get(key)!r} -> {new['settings'][key]!r}"
+        for key in new["settings"]
+        if old["settings"].get(key) != new["settings"][key]
+    ]
+    return ", ".join(changed) if changed else "different source images or classes"
+
+
+def claim_out(out: Path, plan: dict) -> None:
+    """Make ``out`` ours: new or empty, or holding a run of this very plan (resume); anything else is an error."""
+    plan_path = out / PARTS_DIR / PLAN_FILE
+    if plan_path.is_file():
+        old = json.loads(plan_path.read_text())
+        if old.get("fingerprint") != plan["fingerprint"]:
+            raise DatasetError(
+                f"out {out} holds shards of another dataset or settings ({_describe_difference(old, plan)}): "
+                "choose a new out= folder or delete this one"
+            )
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DatasetError(
+            f"out {out} exists and was not written by this build_shards run: choose a new or empty out= folder"
+        )
+    (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan_path, plan)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of this shard left by a killed run (other shards may be in progress elsewhere)."""
+    for stale in path.parent.glob(f".{path.stem}.*.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _reason(err: Exception) -> str:
+    return str(err) if isinstance(err, UnusableImage) else f"{type(err).__name__}: {err}"
+
+
+def write_shard_task(task: ShardTask, progress: Callable[[int], None] = lambda n: None) -> dict:
+    """Transcode and write one shard and its part file; returns the part's info dict."""
+    stats = PixelAccumulator(task.image_size) if task.split == "train" else None
+    rejected: list[dict] = []
+
+    def samples() -> Iterator[Sample]:
+        done = 0
+        for record, label in task.items:
+            done += 1
+            if done % PROGRESS_EVERY == 0:
+                progress(PROGRESS_EVERY)
+            try:
+                jpeg = transcode(record.read(), task.image_size, task.quality, task.max_pixels)
+            except Exception as err:  # noqa: BLE001 - any unusable input is listed, never fatal
+                rejected.append({"path": record.where, "reason": _reason(err)})
+                continue
+            if stats is not None:
+                stats.add(decode_jpeg(jpeg))
+            yield Sample(record.key, jpeg, label)
+        progress(done % PROGRESS_EVERY)
+
+    for final in (task.path, task.part_path):
+        _remove_stale_temporaries(final)
+    count = write_shard(task.path, samples())
+    info = {
+        "name": task.path.name,
+        "count": count,
+        "bytes": task.path.stat().st_size,
+        "sha256": _file_digest(task.path),
+        "rejected": rejected,
+    }
+    arrays = stats.to_arrays() if stats is not None else {}
+    tmp = task.part_path.with_name(f".{task.part_path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as file:
+        np.savez(file, info=np.array(json.dumps(info)), **arrays)
+    os.replace(tmp, task.part_path)
+    return info
+
+
+_queue = None  # a worker's progress queue, set by _init_worker
+
+
+def _init_worker(queue: mp.Queue) -> None:
+    global _queue
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core already
+    _queue = queue
+
+
+def _pool_task(task: ShardTask) -> dict:
+    return write_shard_task(task, _queue.put)
+
+
+def run_tasks(tasks: Sequence[ShardTask], workers: int, on_images: Callable[[int], None]) -> int:
+    """Write the shards (in worker processes when workers > 1); returns the number of images written."""
+    written = 0
+    if workers <= 1:
+        for task in tasks:
+            written += write_shard_task(task, on_images)["count"]
+        return written
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    drain = threading.Thread(target=lambda: [on_images(n) for n in iter(queue.get, None)], daemon=True)
+    drain.start()
+    try:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(queue,)) as pool:
+            for info in pool.imap_unordered(_pool_task, tasks):
+                written += info["count"]
+    finally:
+        queue.put(None)
+        drain.join()
+    return written
+
+
+def merge_parts(out: Path, dataset: Dataset, tasks: Sequence[ShardTask], settings: dict) -> dict:
+    """Combine the part files into stats.npz/stats.json, rejected.jsonl and (last) meta.json; returns meta."""
+    stats = PixelAccumulator(settings["image_size"])
+    rejected = list(dataset.unusable)
+    splits: dict[str, dict] = {split: {"count": 0, "shards": []} for split in dataset.records}
+    for task in tasks:
+        with np.load(task.part_path) as part:
+            info = json.loads(str(part["info"]))
+            if task.split == "train":
+                stats.merge(PixelAccumulator.from_arrays(part))
+        rejected.extend(info.pop("rejected"))
+        if info["count"]:
+            splits[task.split]["shards"].append(info)
+            splits[task.split]["count"] += info["count"]
+    if "train" in splits:
+        if stats.images == 0:
+            raise DatasetError(f"no training image could be used (see {out / REJECTED_FILE})")
+        stats.finalize().save(out)
+    tmp = out / f".{REJECTED_FILE}.tmp-{os.getpid()}"
+    tmp.write_text("".join(json.dumps(entry) + "\n" for entry in rejected))
+    os.replace(tmp, out / REJECTED_FILE)
+    meta = {
+        "classes": [{"index": i, "wnid": wnid, "name": name} for i, (wnid, name) in enumerate(dataset.classes)],
+        "splits": splits,
+        "settings": {**settings, "layout": dataset.layout},
+        "rejected": len(rejected),
+    }
+    write_json_atomic(out / META_FILE, meta)
+    return meta
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", smoothing=0.05, dynamic_ncols=True, disable=not enabled)
+
+
+def build_shards(
+    src: str | Path,
+    out: str | Path,
+    *,
+    image_size: int = 256,
+    quality: int = 95,
+    workers: int | None = None,
+    shard_size: int = 1000,
+    seed: int = 0,
+    splits: Sequence[str] = SPLITS,
+    part: int | None = None,
+    parts: int | None = None,
+    show_progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict:
+    """Write the shards of ``src`` into ``out`` (see the module docstring); returns a summary dict
+    (``summary_line`` formats it; the command line prints it)."""
+    if src is None or out is None:
+        raise DatasetError("both src= (the ImageNet download) and out= (a new folder for the shards) are required")
+    if image_size < 1 or shard_size < 1 or not 1 <= quality <= 100 or max_pixels < 1:
+        raise DatasetError("image_size, shard_size and max_pixels must be positive and quality within 1..100")
+    if (part is None) != (parts is None) or (parts is not None and not 0 <= part < parts):
+        raise DatasetError(f"part={part} parts={parts}: give both, with 0 <= part < parts (or neither)")
+    started = time.perf_counter()
+    out = Path(out)
+    dataset = scan(src, splits)
+    settings = {
+        "image_size": int(image_size),
+        "quality": int(quality),
+        "seed": int(seed),
+        "shard_size": int(shard_size),
+        "max_pixels": int(max_pixels),
+        "splits": list(dataset.records),
+    }
+    tasks = plan_tasks(dataset, out, settings)
+    claim_out(out, {"settings": settings, "fingerprint": plan_fingerprint(tasks, dataset.classes, settings)})
+    mine = [task for number, task in enumerate(tasks) if parts is None or number % parts == part]
+    todo = [task for task in mine if not task.part_path.is_file()]
+    workers = len(os.sched_getaffinity(0)) if workers is None else int(workers)
+    workers = max(1, min(workers, len(todo)))
+    with _progress_bar(sum(len(task.items) for task in todo), show_progress) as bar:
+        written = run_tasks(todo, workers, bar.update)
+    missing = [task for task in tasks if not task.part_path.is_file()]
+    meta = None if missing else merge_parts(out, dataset, tasks, settings)
+    seconds = time.perf_counter() - started
+    summary = {
+        "out": str(out),
+        "written": written,
+        "shards_written": len(todo),
+        "shards_skipped": len(mine) - len(todo),
+        "shards_missing": len(missing),
+        "complete": meta is not None,
+        "rejected": meta["rejected"] if meta else None,
+        "counts": {split: info["count"] for split, info in meta["splits"].items()} if meta else None,
+        "seconds": seconds,
+        "images_per_sec": written / seconds if seconds > 0 else 0.0,
+    }
+    return summary
+
+
+def summary_line(summary: dict) -> str:
+    head = f"wrote {summary['written']} images in {summary['shards_written']} shards"
+    if summary["shards_skipped"]:
+        head += f" ({summary['shards_skipped']} already complete)"
+    timing = f"{summary['seconds']:.1f} s, {summary['images_per_sec']:.0f} images/s"
+    if not summary["complete"]:
+        return f"{head}, {timing}; {summary['shards_missing']} shards still missing: run the other parts, then merge"
+    counts = ", ".join(f"{split} {count}" for split, count in summary["counts"].items())
+    return f"{head}, {timing}; dataset complete ({counts}), rejected {summary['rejected']} -> {summary['out']}"
+
+
+@hydra.main(config_path="../conf", config_name="build_shards", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = build_shards(**OmegaConf.to_container(cfg, resolve=True))
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(summary_line(summary))
+
+
+if __name__ == "__main__":
+    main()

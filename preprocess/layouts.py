@@ -1,0 +1,306 @@
+"""Find the images and labels of an ImageNet-style download, whichever of three layouts it comes in.
+
+``scan(src, splits)`` returns one ``Record`` per input file: its sample key (the file stem), its class wnid and
+where its bytes are (a file, or an offset and size inside a tar, so tars are never extracted). Supported::
+
+    ImageFolder  src/train/<wnid>/*.JPEG, src/val/<wnid>/*.JPEG          (names: optional src/LOC_synset_mapping.txt)
+    official     src/ILSVRC2012_img_train.tar (a tar of <wnid>.tar), src/ILSVRC2012_img_val.tar or the flat
+                 folder src/ILSVRC2012_img_val/, and src/ILSVRC2012_devkit_t12(.tar.gz) for val labels and names
+    Kaggle       src/ILSVRC/Data/CLS-LOC/{train/<wnid>/, val/}, src/LOC_val_solution.csv, src/LOC_synset_mapping.txt
+
+Classes are the sorted wnids of the training images (or of the label file when there is no training data),
+indexed 0..N-1 as torchvision does. The devkit's ground truth holds ILSVRC2012_IDs (meta.mat order, not
+sorted wnid order); they are mapped through meta.mat to wnids, then to the sorted index.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from preprocess.shard_format import DatasetError
+
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+VAL_TAR = "ILSVRC2012_img_val.tar"
+VAL_DIR = "ILSVRC2012_img_val"
+DEVKIT = "ILSVRC2012_devkit_t12"
+META_MAT = "data/meta.mat"
+GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
+KAGGLE_ROOT = "ILSVRC/Data/CLS-LOC"
+KAGGLE_VAL_CSV = "LOC_val_solution.csv"
+SYNSET_MAPPING = "LOC_synset_mapping.txt"
+
+EXPECTED = (
+    "expected one of: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (ImageFolder); "
+    f"{TRAIN_TAR}, {VAL_TAR} (or {VAL_DIR}/) and {DEVKIT}.tar.gz (official ILSVRC-2012); "
+    f"{KAGGLE_ROOT}/train|val with {KAGGLE_VAL_CSV} (Kaggle)"
+)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One input image: sample key, class wnid, and where its bytes are."""
+
+    key: str
+    wnid: str
+    path: str
+    offset: int = 0
+    size: int = -1  # -1: the whole file
+    origin: str = ""  # readable location for rejected.jsonl (tar members: tar path / member name)
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as file:
+            if self.size < 0:
+                return file.read()
+            file.seek(self.offset)
+            return file.read(self.size)
+
+    @property
+    def where(self) -> str:
+        return self.origin or self.path
+
+
+@dataclass
+class Dataset:
+    """What ``scan`` found: the layout, the classes ``[(wnid, name)]`` in index order, records per split,
+    and inputs already unusable before decoding (no label, duplicate key) as ``{"path", "reason"}``."""
+
+    layout: str
+    classes: list[tuple[str, str]]
+    records: dict[str, list[Record]]
+    unusable: list[dict] = field(default_factory=list)
+
+    @property
+    def class_index(self) -> dict[str, int]:
+        return {wnid: index for index, (wnid, _) in enumerate(self.classes)}
+
+
+def sample_key(file_name: str) -> str:
+    """The sample key of a file: its stem, with any further dots made underscores (keys may hold no dot)."""
+    name = PurePosixPath(file_name).name
+    stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
+    return stem.replace(".", "_")
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.iterdir() if path.is_file())
+
+
+def _class_folders(split_dir: Path) -> Iterator[Record]:
+    for class_dir in sorted(path for path in split_dir.iterdir() if path.is_dir()):
+        for path in _files(class_dir):
+            yield Record(sample_key(path.name), class_dir.name, str(path))
+
+
+def _flat_folder(folder: Path, labels: dict[str, str]) -> Iterator[Record]:
+    for path in _files(folder):
+        key = sample_key(path.name)
+        yield Record(key, labels.get(key, ""), str(path))
+
+
+def _open_tar(path: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(path, "r:")
+    except tarfile.ReadError as err:
+        raise DatasetError(f"{path} is not an uncompressed tar ({err}): use the original ILSVRC-2012 file") from None
+
+
+def _tar_files(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    return (member for member in tar if member.isfile())
+
+
+def _train_tar(path: Path) -> Iterator[Record]:
+    """Records of a tar of per-class tars, with absolute offsets into the outer tar: nothing is extracted."""
+    with _open_tar(path) as outer:
+        for member in _tar_files(outer):
+            wnid = sample_key(member.name)
+            with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
+                for image in _tar_files(inner):
+                    origin = f"{path}/{member.name}/{image.name}"
+                    offset = member.offset_data + image.offset_data
+                    yield Record(sample_key(image.name), wnid, str(path), offset, image.size, origin)
+
+
+def _train_tar_wnids(path: Path) -> list[str]:
+    with _open_tar(path) as outer:
+        return sorted({sample_key(member.name) for member in _tar_files(outer)})
+
+
+def _flat_tar(path: Path, labels: dict[str, str]) -> Iterator[Record]:
+    with _open_tar(path) as tar:
+        for member in _tar_files(tar):
+            key = sample_key(member.name)
+            yield Record(key, labels.get(key, ""), str(path), member.offset_data, member.size, f"{path}/{member.name}")
+
+
+def _read_synset_mapping(path: Path) -> dict[str, str]:
+    """``n01440764 tench, Tinca tinca`` lines -> {wnid: name}; empty when the file is absent."""
+    if not path.is_file():
+        return {}
+    lines = (line.strip().split(None, 1) for line in path.read_text().splitlines() if line.strip())
+    return {parts[0]: (parts[1] if len(parts) > 1 else parts[0]) for parts in lines}
+
+
+def _devkit_files(src: Path) -> tuple[bytes, str] | None:
+    """(meta.mat bytes, ground-truth text) from the devkit folder or its .tar.gz, or None when absent."""
+    folder, archive = src / DEVKIT, src / f"{DEVKIT}.tar.gz"
+    if (folder / META_MAT).is_file():
+        ground_truth = folder / GROUND_TRUTH
+        return (folder / META_MAT).read_bytes(), ground_truth.read_text() if ground_truth.is_file() else ""
+    if archive.is_file():
+        with tarfile.open(archive, "r:*") as tar:
+            files = {member.name: member for member in _tar_files(tar)}
+
+            def read(name: str) -> bytes:
+                member = files.get(f"{DEVKIT}/{name}")
+                return tar.extractfile(member).read() if member else b""
+
+            meta_mat = read(META_MAT)
+            if not meta_mat:
+                raise DatasetError(f"{archive} has no {DEVKIT}/{META_MAT}: is it the ILSVRC-2012 devkit (t12)?")
+            return meta_mat, read(GROUND_TRUTH).decode()
+    return None
+
+
+def read_devkit_synsets(meta_mat: bytes) -> tuple[dict[int, str], dict[str, str]]:
+    """meta.mat -> ({ILSVRC2012_ID: wnid}, {wnid: words}) of the leaf classes (num_children == 0)."""
+    from scipy.io import loadmat
+
+    synsets = loadmat(io.BytesIO(meta_mat), squeeze_me=True)["synsets"]
+    ids, names = {}, {}
+    for synset in synsets.ravel():
+        if int(synset["num_children"]) == 0:
+            wnid = str(synset["WNID"])
+            ids[int(synset["ILSVRC2012_ID"])] = wnid
+            names[wnid] = str(synset["words"])
+    return ids, names
+
+
+def devkit_val_labels(meta_mat: bytes, ground_truth: str) -> tuple[dict[str, str], dict[str, str]]:
+    """({val key: wnid}, {wnid: name}): line i of the ground truth is ILSVRC2012_val_<i, 8 digits>."""
+    ids, names = read_devkit_synsets(meta_mat)
+    labels = {}
+    for number, line in enumerate(ground_truth.split(), start=1):
+        if int(line) not in ids:
+            raise DatasetError(f"devkit ground truth line {number} holds ILSVRC2012_ID {line}, which meta.mat lacks")
+        labels[f"ILSVRC2012_val_{number:08d}"] = ids[int(line)]
+    return labels, names
+
+
+def kaggle_val_labels(csv_path: Path) -> dict[str, str]:
+    """LOC_val_solution.csv -> {ImageId: wnid}; the first token of PredictionString is the class."""
+    if not csv_path.is_file():
+        raise DatasetError(f"{csv_path} not found: the Kaggle layout needs it for validation labels")
+    with csv_path.open(newline="") as file:
+        return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(file)}
+
+
+def _require(split: str, found: bool, src: Path, what: str) -> None:
+    if not found:
+        raise DatasetError(
+            f"src {src} has no {split} images ({what} not found): add them or leave {split} out of splits="
+        )
+
+
+def _scan_imagefolder(src: Path, splits: Iterable[str]) -> Dataset:
+    records = {}
+    for split in splits:
+        _require(split, (src / split).is_dir(), src, f"{split}/<wnid>/")
+        records[split] = list(_class_folders(src / split))
+    names = _read_synset_mapping(src / SYNSET_MAPPING)
+    source = src / "train" if (src / "train").is_dir() else src / "val"
+    wnids = sorted(path.name for path in source.iterdir() if path.is_dir())
+    return Dataset("imagefolder", [(wnid, names.get(wnid, wnid)) for wnid in wnids], records)
+
+
+def _scan_official(src: Path, splits: Iterable[str]) -> Dataset:
+    devkit = _devkit_files(src)
+    ids, names = read_devkit_synsets(devkit[0]) if devkit else ({}, {})
+    records = {}
+    for split in splits:
+        if split == "train":
+            _require(split, (src / TRAIN_TAR).is_file(), src, TRAIN_TAR)
+            records[split] = list(_train_tar(src / TRAIN_TAR))
+            continue
+        if devkit is None or not devkit[1]:
+            raise DatasetError(f"validation labels need the devkit: put {DEVKIT}.tar.gz (or the folder) into {src}")
+        labels, _ = devkit_val_labels(*devkit)
+        if (src / VAL_TAR).is_file():
+            records[split] = list(_flat_tar(src / VAL_TAR, labels))
+        else:
+            _require(split, (src / VAL_DIR).is_dir(), src, f"{VAL_TAR} or {VAL_DIR}/")
+            records[split] = list(_flat_folder(src / VAL_DIR, labels))
+    wnids = _train_tar_wnids(src / TRAIN_TAR) if (src / TRAIN_TAR).is_file() else sorted(ids.values())
+    return Dataset("official", [(wnid, names.get(wnid, wnid)) for wnid in wnids], records)
+
+
+def _scan_kaggle(src: Path, splits: Iterable[str]) -> Dataset:
+    root = src / KAGGLE_ROOT
+    records = {}
+    for split in splits:
+        _require(split, (root / split).is_dir(), src, f"{KAGGLE_ROOT}/{split}/")
+        if split == "train":
+            records[split] = list(_class_folders(root / split))
+        else:
+            records[split] = list(_flat_folder(root / split, kaggle_val_labels(src / KAGGLE_VAL_CSV)))
+    names = _read_synset_mapping(src / SYNSET_MAPPING)
+    if (root / "train").is_dir():
+        wnids = sorted(path.name for path in (root / "train").iterdir() if path.is_dir())
+    else:
+        wnids = sorted(names)
+    return Dataset("kaggle", [(wnid, names.get(wnid, wnid)) for wnid in wnids], records)
+
+
+def detect_layout(src: Path) -> str:
+    """``imagefolder``, ``official`` or ``kaggle``; a one-line DatasetError when src matches none."""
+    if not src.is_dir():
+        raise DatasetError(f"src {src} is not a folder: point src= at the ImageNet download ({EXPECTED})")
+    if (src / KAGGLE_ROOT).is_dir():
+        return "kaggle"
+    if any((src / name).exists() for name in (TRAIN_TAR, VAL_TAR, VAL_DIR)):
+        return "official"
+    if any((src / split).is_dir() and any(p.is_dir() for p in (src / split).iterdir()) for split in ("train", "val")):
+        return "imagefolder"
+    raise DatasetError(f"src {src} holds no dataset layout that build_shards knows: {EXPECTED}")
+
+
+def _drop_unusable(dataset: Dataset) -> Dataset:
+    """Move records without a known class, or repeating an earlier key of their split, to ``unusable``."""
+    known = dataset.class_index
+    for split, records in dataset.records.items():
+        kept, seen = [], set()
+        for record in records:
+            if not record.wnid:
+                dataset.unusable.append({"path": record.where, "reason": f"no {split} label for key {record.key}"})
+            elif record.wnid not in known:
+                reason = f"class {record.wnid} is not among the {len(known)} training classes"
+                dataset.unusable.append({"path": record.where, "reason": reason})
+            elif record.key in seen:
+                dataset.unusable.append(
+                    {"path": record.where, "reason": f"duplicate sample key {record.key} in {split}"}
+                )
+            else:
+                seen.add(record.key)
+                kept.append(record)
+        dataset.records[split] = kept
+    return dataset
+
+
+def scan(src: str | Path, splits: Iterable[str] = ("train", "val")) -> Dataset:
+    """Detect the layout of ``src`` and list its records per split (sorted by key), classes and unusable inputs."""
+    src = Path(src)
+    splits = list(splits)
+    unknown = set(splits) - {"train", "val"}
+    if unknown:
+        raise DatasetError(f"unknown split(s) {sorted(unknown)}: splits= takes train and/or val")
+    scanner = {"imagefolder": _scan_imagefolder, "official": _scan_official, "kaggle": _scan_kaggle}[detect_layout(src)]
+    dataset = scanner(src, splits)
+    if not dataset.classes:
+        raise DatasetError(f"src {src} has no class folders or labels: {EXPECTED}")
+    dataset = _drop_unusable(dataset)
+    dataset.records = {split: sorted(records, key=lambda r: r.key) for split, records in dataset.records.items()}
+    return dataset

@@ -1,0 +1,139 @@
+"""One image in, one training image out: bytes -> RGB -> shorter side to ``size`` -> centre crop -> JPEG.
+
+Decisions, so that every image of ImageNet gives a usable, deterministic result:
+
+- The header is read first (Pillow, no pixel decoding) to learn the real format, colour mode and size;
+  an image with more than ``max_pixels`` pixels is rejected there, never decoded (decompression bombs).
+- RGB and greyscale JPEGs, the common case, are decoded by OpenCV (libjpeg-turbo, the fastest path here).
+  A JPEG must end with its EOI marker after the last scan: libjpeg would silently fill a truncated file with
+  grey, so truncated files are rejected instead.
+- Everything else (CMYK/YCCK JPEGs, with Adobe's inverted CMYK handled by Pillow, PNG or GIF named .JPEG,
+  palette, 16-bit) goes through Pillow and ``convert("RGB")``; transparent pixels are composited onto white,
+  as an image viewer shows them.
+- EXIF orientation is ignored: pixels are used as stored, as Pillow-based pipelines (torchvision) see them.
+- When the shorter side is at least twice ``size``, the JPEG decoder downscales in the DCT domain by 2, 4 or 8
+  (keeping the shorter side >= ``size``); the rest of the way uses area interpolation (shrinking) or bicubic
+  (enlarging), applied to the central square only (see ``resize_center_crop``), so a 1000:1 strip costs
+  no more than a square image.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import cv2
+import numpy as np
+from PIL import Image
+
+DEFAULT_MAX_PIXELS = 100_000_000
+JPEG_SOS, JPEG_EOI = b"\xff\xda", b"\xff\xd9"
+
+
+class UnusableImage(ValueError):
+    """The input cannot become a training image; the message is the reason recorded in rejected.jsonl."""
+
+
+def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open the header only (no pixel decoding), rejecting empty, unknown and oversized inputs."""
+    if not data:
+        raise UnusableImage("empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as err:
+            raise UnusableImage(f"decompression bomb: {err}") from None
+        except (OSError, SyntaxError, ValueError) as err:
+            raise UnusableImage(f"not an image ({err})") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise UnusableImage(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise UnusableImage(f"decompression bomb: {width}x{height} = {width * height} pixels > max_pixels={max_pixels}")
+    return image
+
+
+def reduction_factor(width: int, height: int, size: int) -> int:
+    """The DCT-domain downscale (1, 2, 4 or 8) that keeps the shorter side >= ``size``."""
+    return next(k for k in (8, 4, 2, 1) if k == 1 or min(width, height) >= k * size)
+
+
+def is_truncated_jpeg(data: bytes) -> bool:
+    """True when the last scan (SOS marker) is not followed by an end-of-image marker."""
+    return data.rfind(JPEG_EOI) < data.rfind(JPEG_SOS)
+
+
+def _decode_with_opencv(data: bytes, reduction: int) -> np.ndarray:
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}.get(
+        reduction, cv2.IMREAD_REDUCED_COLOR_8
+    )
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None:
+        raise UnusableImage("JPEG data could not be decoded")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _decode_with_pillow(image: Image.Image, reduction: int) -> np.ndarray:
+    if image.format == "JPEG" and reduction > 1:
+        image.draft(image.mode, (image.width // reduction, image.height // reduction))
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise UnusableImage(f"corrupt or truncated image ({err})") from None
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, rgba)
+    return np.asarray(image.convert("RGB"))
+
+
+def decode_rgb(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode any image file to an (H, W, 3) uint8 RGB array, DCT-downscaled as far as ``size`` allows."""
+    image = probe(data, max_pixels)
+    reduction = reduction_factor(image.width, image.height, size)
+    if image.format == "JPEG":
+        if is_truncated_jpeg(data):
+            raise UnusableImage("truncated JPEG (no end-of-image marker after the last scan)")
+        if image.mode in ("RGB", "L"):
+            return _decode_with_opencv(data, reduction)
+    return _decode_with_pillow(image, reduction)
+
+
+def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The central size x size patch of the image rescaled so its shorter side is ``size``.
+
+    Computed as the rescaled central square (side = the shorter side): the same pixels as rescaling the whole
+    image and then cropping (area interpolation only looks inside each output pixel's footprint), without
+    resizing the parts that the crop throws away. Area interpolation when shrinking, bicubic when enlarging.
+    """
+    height, width = rgb.shape[:2]
+    short = min(height, width)
+    top, left = (height - short) // 2, (width - short) // 2
+    square = rgb[top : top + short, left : left + short]
+    if short == size:
+        return np.ascontiguousarray(square)
+    interpolation = cv2.INTER_AREA if short > size else cv2.INTER_CUBIC
+    return cv2.resize(square, (size, size), interpolation=interpolation)
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    """Baseline JPEG (libjpeg-turbo via OpenCV, 4:2:0 chroma), deterministic for the same pixels."""
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise RuntimeError("OpenCV failed to encode a JPEG")
+    return encoded.tobytes()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """Decode one of our own output JPEGs to RGB (the pixels readers will see)."""
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None:
+        raise UnusableImage("encoded JPEG does not decode")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def transcode(data: bytes, size: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:
+    """Source file bytes -> the size x size JPEG stored in a shard. Raises ``UnusableImage`` with the reason."""
+    return encode_jpeg(resize_center_crop(decode_rgb(data, size, max_pixels), size), quality)

@@ -1,0 +1,162 @@
+"""Check a shard folder against its meta.json: every shard, index, sample, label and image.
+
+    python -m preprocess.verify out=/data/shards [workers=N]
+
+Exits 0 and prints one OK line, or exits 1 with one line per problem found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import os
+import sys
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import hydra
+import numpy as np
+from omegaconf import DictConfig
+
+from preprocess.shard_format import (
+    CLASS_EXT,
+    IMAGE_EXT,
+    INDEX_VERSION,
+    LABEL_EXT,
+    SAMPLE_EXTS,
+    STATS_FILE,
+    DatasetError,
+    PixelStats,
+    index_path,
+    read_meta,
+)
+
+
+def _check_index(path: Path, members: Sequence[tarfile.TarInfo], count: int) -> list[str]:
+    """The .idx must list every sample's components at their real data offsets and sizes, in tar order."""
+    idx = index_path(path)
+    if not idx.is_file():
+        return [f"{idx}: missing index file"]
+    lines = idx.read_text().splitlines()
+    if not lines or lines[0] != f"{INDEX_VERSION} {count}":
+        return [f"{idx}: header {lines[0] if lines else ''!r}, expected {INDEX_VERSION!r} and {count} samples"]
+    listed = [
+        tuple(fields[i : i + 4]) for line in lines[1:] for fields in [line.split()] for i in range(0, len(fields), 4)
+    ]
+    actual = [(m.name.split(".", 1)[1], str(m.offset_data), str(m.size), m.name) for m in members]
+    return [] if listed == actual else [f"{idx}: offsets or sizes differ from the tar's members; rebuild the shard"]
+
+
+def check_shard(path: Path, expected: dict, image_size: int, num_classes: int) -> tuple[list[str], list[str]]:
+    """(problems, keys) of one shard checked against its meta.json entry."""
+    if not path.is_file():
+        return [f"{path}: missing"], []
+    problems = []
+    data = path.read_bytes()
+    if len(data) != expected["bytes"]:
+        problems.append(f"{path}: {len(data)} bytes, meta.json says {expected['bytes']}")
+    if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        problems.append(f"{path}: sha256 differs from meta.json (modified or corrupt)")
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            members = [member for member in tar if member.isfile()]
+            for member in members:
+                key, _, ext = member.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError) as err:
+        return [*problems, f"{path}: unreadable tar ({err})"], []
+    if len(samples) != expected["count"]:
+        problems.append(f"{path}: {len(samples)} samples, meta.json says {expected['count']}")
+    problems += _check_index(path, members, len(samples))
+    for key, parts in samples.items():
+        where = f"{path}:{key}"
+        if sorted(parts) != sorted(SAMPLE_EXTS):
+            problems.append(f"{where}: components {sorted(parts)}, expected {sorted(SAMPLE_EXTS)}")
+            continue
+        label = int(np.frombuffer(parts[LABEL_EXT], "<i4")[0]) if len(parts[LABEL_EXT]) == 4 else None
+        if label is None or parts[CLASS_EXT] != str(label).encode() or not 0 <= label < num_classes:
+            problems.append(f"{where}: label cls={parts[CLASS_EXT]!r} lbl={label} not one valid index < {num_classes}")
+        image = cv2.imdecode(np.frombuffer(parts[IMAGE_EXT], np.uint8), cv2.IMREAD_UNCHANGED)
+        if image is None or image.shape != (image_size, image_size, 3):
+            shape = None if image is None else image.shape
+            problems.append(f"{where}: image decodes to {shape}, expected {(image_size, image_size, 3)}")
+    return problems, list(samples)
+
+
+def _check_shard_args(args: tuple) -> tuple[list[str], list[str]]:
+    return check_shard(*args)
+
+
+def _check_stats(root: Path, image_size: int, train_count: int) -> list[str]:
+    try:
+        stats = PixelStats.load(root)
+    except DatasetError as err:
+        return [str(err)]
+    problems = []
+    if stats.mean_image.shape != (image_size, image_size, 3):
+        problems.append(
+            f"{root / STATS_FILE}: mean_image shape {stats.mean_image.shape}, expected {(image_size, image_size, 3)}"
+        )
+    if stats.pixels != train_count * image_size * image_size:
+        problems.append(f"{root / STATS_FILE}: {stats.pixels} pixels, expected {train_count} training images' worth")
+    if not np.all(np.diff(stats.eigval) <= 0) or not np.allclose(stats.cov @ stats.eigvec, stats.eigvec * stats.eigval):
+        problems.append(f"{root / STATS_FILE}: eigval/eigvec are not the descending eigen-decomposition of cov")
+    return problems
+
+
+def verify(root: str | Path, workers: int = 1) -> list[str]:
+    """Every problem found in the shard folder ``root``, as readable lines; empty when all is well."""
+    root = Path(root)
+    try:
+        meta = read_meta(root)
+    except DatasetError as err:
+        return [str(err)]
+    image_size, num_classes = meta["settings"]["image_size"], len(meta["classes"])
+    jobs = [
+        (root / split / shard["name"], shard, image_size, num_classes)
+        for split, info in meta["splits"].items()
+        for shard in info["shards"]
+    ]
+    if workers > 1:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            results = pool.map(_check_shard_args, jobs)
+    else:
+        results = [check_shard(*job) for job in jobs]
+    problems = [problem for shard_problems, _ in results for problem in shard_problems]
+    for split, info in meta["splits"].items():
+        keys = [
+            key
+            for job, (_, shard_keys) in zip(jobs, results, strict=True)
+            if job[0].parent.name == split
+            for key in shard_keys
+        ]
+        if len(set(keys)) != len(keys):
+            problems.append(f"split {split}: {len(keys) - len(set(keys))} sample keys appear more than once")
+        if sum(shard["count"] for shard in info["shards"]) != info["count"]:
+            problems.append(f"split {split}: shard counts do not add up to its count {info['count']}")
+    if "train" in meta["splits"]:
+        problems += _check_stats(root, image_size, meta["splits"]["train"]["count"])
+    return problems
+
+
+@hydra.main(config_path="../conf", config_name="verify", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    if cfg.out is None:
+        print("error: out= is required: the folder written by preprocess.build_shards", file=sys.stderr)
+        sys.exit(2)
+    workers = len(os.sched_getaffinity(0)) if cfg.workers is None else int(cfg.workers)
+    problems = verify(cfg.out, workers)
+    if problems:
+        print(f"{cfg.out}: {len(problems)} problem(s):", *problems, sep="\n  ", file=sys.stderr)
+        sys.exit(1)
+    meta = read_meta(cfg.out)
+    shards = sum(len(info["shards"]) for info in meta["splits"].values())
+    counts = ", ".join(f"{split} {info['count']}" for split, info in meta["splits"].items())
+    print(f"{cfg.out}: OK ({shards} shards, {counts} samples, all decode to {meta['settings']['image_size']}px)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The DALI pipelines, pixel by pixel, against numpy applied to the stored JPEGs (decoded by OpenCV)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from webdataset.tariterators import tarfile_samples
+
+from pipeline.lighting import augment_numpy, center_offset, lighting_offset, tencrop_offsets
+from pipeline.loader import build_loader
+from preprocess.shard_format import PixelStats, Sample, read_meta, shard_paths, write_json_atomic, write_shard
+
+CROP = 64  # of the 80 px test shards
+
+
+def stored_images(root: Path, split: str) -> dict[str, np.ndarray]:
+    """key -> RGB uint8 of every stored JPEG of a split (OpenCV's libjpeg-turbo, independent of DALI)."""
+    images = {}
+    for path in shard_paths(root, split, read_meta(root)):
+        for sample in tarfile_samples([{"url": str(path)}]):
+            bgr = cv2.imdecode(np.frombuffer(sample["jpg"], np.uint8), cv2.IMREAD_COLOR)
+            images[sample["__key__"]] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return images
+
+
+def data_cfg(root: Path, **overrides) -> dict:
+    cfg = {"root": str(root), "loader": "dali", "batch_size": 16, "crop_size": CROP, "threads": 2}
+    return {**cfg, **overrides}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"mean": "pixel", "lighting": {"sigma": 0.1, "scale": "sqrt"}},
+        {"mean": "channel", "std": True, "lighting": {"sigma": 0.1, "scale": "unit"}},
+    ],
+    ids=["pixel-mean", "channel-mean-std"],
+)
+def test_train_output_is_the_formula_for_its_draws(shard_root: Path, overrides: dict) -> None:
+    cfg = data_cfg(shard_root, **overrides)
+    stats, stored = PixelStats.load(shard_root), stored_images(shard_root, "train")
+    mean = stats.mean_image if cfg["mean"] == "pixel" else stats.mean
+    std = np.sqrt(np.diag(stats.cov)) if cfg.get("std") else None
+    loader = build_loader(cfg, "train", "train", debug=True)
+    checked = 0
+    for batch in loader.batches():
+        expected_offset = lighting_offset(batch["alpha"], stats.eigval, stats.eigvec, cfg["lighting"]["scale"])
+        np.testing.assert_allclose(batch["offset"], expected_offset, atol=1e-4)
+        for i, key in enumerate(batch["keys"]):
+            x, y, flip = int(batch["crop_x"][i]), int(batch["crop_y"][i]), bool(batch["flip"][i])
+            assert 0 <= x <= 80 - CROP and 0 <= y <= 80 - CROP
+            expected = augment_numpy(stored[key], x, y, CROP, flip, expected_offset[i], mean, std)
+            np.testing.assert_allclose(batch["images"][i].numpy(), expected, atol=2e-3)
+            checked += 1
+        if checked >= 48:
+            break
+    assert batch["images"].shape == (16, 3, CROP, CROP) and batch["flip"].any() and not batch["flip"].all()
+
+
+def test_crops_cover_every_offset_uniformly_and_flips_are_fair(shard_root: Path) -> None:
+    crop, margin = 76, 4
+    loader = build_loader(data_cfg(shard_root, crop_size=crop), "train", "train", debug=True)
+    draws = [(b["crop_x"], b["crop_y"], b["flip"]) for _ in range(2) for b in loader.batches()]
+    xs, ys, flips = (np.concatenate(column) for column in zip(*draws, strict=True))
+    assert len(xs) == 320
+    for values in (xs, ys):
+        counts = np.bincount(values, minlength=margin + 1)
+        assert len(counts) == margin + 1 and counts.min() >= 35 and counts.max() <= 95  # 64 expected each
+    corners = {(int(x), int(y)) for x, y in zip(xs, ys, strict=True)}
+    assert {(0, 0), (margin, 0), (0, margin), (margin, margin)} <= corners
+    assert 0.38 <= flips.mean() <= 0.62
+
+
+def test_switched_off_augmentation_gives_the_centre_crop(shard_root: Path) -> None:
+    off = data_cfg(shard_root, random_crop=False, flip=False, lighting={"sigma": 0.0})
+    train = next(build_loader(off, "train", "train", debug=True).batches())
+    stored, mean = stored_images(shard_root, "train"), PixelStats.load(shard_root).mean_image
+    mid = center_offset(80, CROP)
+    assert (train["crop_x"] == mid).all() and (train["crop_y"] == mid).all() and not train["flip"].any()
+    assert not train["alpha"].any() and not train["offset"].any()
+    for i, key in enumerate(train["keys"]):
+        expected = augment_numpy(stored[key], mid, mid, CROP, False, np.zeros(3), mean, None)
+        np.testing.assert_allclose(train["images"][i].numpy(), expected, atol=2e-3)
+
+
+@pytest.mark.parametrize("mean_mode", ["pixel", "channel"])
+def test_center_and_tencrop_positions_are_exact(shard_root: Path, mean_mode: str) -> None:
+    cfg = data_cfg(shard_root, mean=mean_mode, batch_size=8)
+    stats, stored = PixelStats.load(shard_root), stored_images(shard_root, "val")
+    mean = stats.mean_image if mean_mode == "pixel" else stats.mean
+    center = next(build_loader(cfg, "val", "center", debug=True).batches())
+    tencrop = next(iter(build_loader(cfg, "val", "tencrop")))[0]
+    assert tencrop.shape == (8, 10, 3, CROP, CROP)
+    patches = [(x, y, flip) for flip in (False, True) for x, y in tencrop_offsets(80, CROP)]
+    for i, key in enumerate(center["keys"]):
+        mid = center_offset(80, CROP)
+        expected = augment_numpy(stored[key], mid, mid, CROP, False, np.zeros(3), mean, None)
+        np.testing.assert_allclose(center["images"][i].numpy(), expected, atol=2e-3)
+        for j, (x, y, flip) in enumerate(patches):
+            expected = augment_numpy(stored[key], x, y, CROP, flip, np.zeros(3), mean, None)
+            np.testing.assert_allclose(tencrop[i, j].numpy(), expected, atol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def gray_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 uniform mid-gray 24x24 JPEGs (decoded exactly) with hand-made statistics: eigvec = identity."""
+    root = tmp_path_factory.mktemp("gray")
+    ok, jpeg = cv2.imencode(".jpg", np.full((24, 24, 3), 128, np.uint8))
+    samples = [Sample(f"g{i:03d}", jpeg.tobytes(), i % 2) for i in range(64)]
+    write_shard(root / "train" / "train-000000.tar", samples)
+    eigval = np.array([400.0, 100.0, 25.0])
+    PixelStats(np.zeros((24, 24, 3)), np.array([100.0, 110.0, 120.0]), np.diag(eigval), eigval, np.eye(3), 1).save(root)
+    classes = [{"index": i, "wnid": f"c{i}", "name": f"class{i}"} for i in range(2)]
+    shards = [{"name": "train-000000.tar", "count": 64, "bytes": 0, "sha256": ""}]
+    write_json_atomic(
+        root / "meta.json",
+        {"classes": classes, "splits": {"train": {"count": 64, "shards": shards}}, "settings": {"image_size": 24}},
+    )
+    return root
+
+
+@pytest.mark.parametrize(
+    ("scale", "weights"), [("sqrt", [20.0, 10.0, 5.0]), ("unit", [400 / 255, 100 / 255, 25 / 255])]
+)
+def test_lighting_is_one_offset_per_image_with_std_sigma(gray_root: Path, scale: str, weights: list[float]) -> None:
+    cfg = data_cfg(gray_root, crop_size=16, mean="channel", lighting={"sigma": 0.1, "scale": scale})
+    loader = build_loader(cfg, "train", "train", debug=True)
+    alphas = []
+    for _ in range(6):
+        for batch in loader.batches():
+            images = batch["images"].numpy().astype(np.float64)
+            # gray 128 plus the offset minus the channel mean, the same value at every pixel of a channel
+            expected = 128.0 + batch["alpha"] * weights - [100.0, 110.0, 120.0]
+            np.testing.assert_allclose(images, np.broadcast_to(expected[:, :, None, None], images.shape), atol=1e-3)
+            alphas.append(batch["alpha"])
+    alphas = np.concatenate(alphas)
+    assert alphas.shape == (384, 3)
+    assert np.abs(alphas.std(axis=0) - 0.1).max() < 0.02 and np.abs(alphas.mean(axis=0)).max() < 0.02
+    assert len(np.unique(alphas[:, 0])) == len(alphas)  # a fresh draw per image and presentation

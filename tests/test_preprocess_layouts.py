@@ -1,0 +1,228 @@
+"""The same images in every supported input layout give the same samples, labels and shard bytes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from scipy.io import savemat
+
+from preprocess.build_shards import build_shards
+from preprocess.layouts import detect_layout, sample_key, scan
+from preprocess.shard_format import DatasetError, PixelStats, read_meta
+
+# devkit ILSVRC2012_IDs deliberately not in sorted-wnid order (as in the real meta.mat)
+SYNSETS = {1: ("n03000003", "gamma"), 2: ("n01000001", "alpha"), 3: ("n02000002", "beta")}
+SORTED_INDEX = {"n01000001": 0, "n02000002": 1, "n03000003": 2}
+VAL_IDS = [3, 1, 2, 2, 3, 1, 1]  # ground truth, one ILSVRC2012_ID per val image in file-name order
+TRAIN_PER_CLASS = 4
+
+
+def photo_jpeg(seed: int) -> bytes:
+    """A real-pixel JPEG of a random ImageNet-like aspect ratio."""
+    rng = np.random.default_rng(seed)
+    height, width = (int(v) for v in rng.integers(36, 90, size=2))
+    field = cv2.resize(rng.uniform(0, 255, (3, 4, 3)).astype(np.float32), (width, height))
+    image = np.clip(field + rng.normal(0, 4, field.shape), 0, 255).astype(np.uint8)
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return encoded.tobytes()
+
+
+def tar_bytes(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def meta_mat_bytes() -> bytes:
+    """A devkit meta.mat: a struct array of synsets, leaves first, plus one non-leaf as in the real file."""
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
+    rows = [
+        (i, wnid, name, f"a {name}", 0, np.zeros((1, 0)), 0, TRAIN_PER_CLASS) for i, (wnid, name) in SYNSETS.items()
+    ]
+    rows.append((4, "n09999999", "entity", "everything", 3, np.array([[1, 2, 3]]), 5, 0))
+    synsets = np.zeros((len(rows), 1), dtype=[(field, "O") for field in fields])
+    for i, row in enumerate(rows):
+        synsets[i, 0] = row
+    buffer = io.BytesIO()
+    savemat(buffer, {"synsets": synsets})
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, dict[str, bytes]]:
+    """{"train": {wnid/file: bytes}, "val": {file: bytes}} with the val labels given by VAL_IDS."""
+    names = [f"{wnid}/{wnid}_{n}.JPEG" for wnid, _ in SYNSETS.values() for n in range(1, TRAIN_PER_CLASS + 1)]
+    train = {name: photo_jpeg(seed) for seed, name in enumerate(names)}
+    val = {f"ILSVRC2012_val_{i:08d}.JPEG": photo_jpeg(1000 + i) for i in range(1, len(VAL_IDS) + 1)}
+    return {"train": train, "val": val}
+
+
+def val_wnid(file_name: str) -> str:
+    return SYNSETS[VAL_IDS[int(sample_key(file_name).rsplit("_", 1)[1]) - 1]][0]
+
+
+def write_files(root: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+
+
+def write_imagefolder(root: Path, images: dict) -> Path:
+    write_files(root / "train", images["train"])
+    write_files(root / "val", {f"{val_wnid(name)}/{name}": data for name, data in images["val"].items()})
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{wnid} {name}\n" for wnid, name in SYNSETS.values()))
+    return root
+
+
+def write_official(root: Path, images: dict, *, val_as_folder: bool = False) -> Path:
+    per_class = {
+        f"{wnid}.tar": tar_bytes(
+            {name.split("/")[1]: data for name, data in images["train"].items() if name.startswith(wnid)}
+        )
+        for wnid, _ in SYNSETS.values()
+    }
+    root.mkdir(parents=True)
+    (root / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes(per_class))
+    devkit = {
+        "ILSVRC2012_devkit_t12/data/meta.mat": meta_mat_bytes(),
+        "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt": "".join(
+            f"{i}\n" for i in VAL_IDS
+        ).encode(),
+    }
+    if val_as_folder:
+        write_files(root / "ILSVRC2012_img_val", images["val"])
+        write_files(root, devkit)
+    else:
+        (root / "ILSVRC2012_img_val.tar").write_bytes(tar_bytes(images["val"]))
+        with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as tar:
+            for name, data in devkit.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def write_kaggle(root: Path, images: dict) -> Path:
+    data_root = root / "ILSVRC/Data/CLS-LOC"
+    write_files(data_root / "train", images["train"])
+    write_files(data_root / "val", images["val"])
+    with (root / "LOC_val_solution.csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["ImageId", "PredictionString"])
+        for name in reversed(sorted(images["val"])):  # row order must not matter
+            wnid = val_wnid(name)
+            writer.writerow([sample_key(name), f"{wnid} 1 2 30 40 {wnid} 5 6 20 25"])
+    (root / "LOC_synset_mapping.txt").write_text("".join(f"{wnid} {name}\n" for wnid, name in sorted(SYNSETS.values())))
+    return root
+
+
+@pytest.fixture(scope="module")
+def sources(images, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("layouts")
+    return {
+        "imagefolder": write_imagefolder(root / "imagefolder", images),
+        "official": write_official(root / "official", images),
+        "official-val-folder": write_official(root / "official-val-folder", images, val_as_folder=True),
+        "kaggle": write_kaggle(root / "kaggle", images),
+    }
+
+
+def expected_labels(images: dict) -> dict[str, dict[str, int]]:
+    """Independent of the code under test: sorted-wnid indices from the file names and the ground-truth list."""
+    return {
+        "train": {sample_key(name): SORTED_INDEX[name.split("/")[0]] for name in images["train"]},
+        "val": {sample_key(name): SORTED_INDEX[val_wnid(name)] for name in images["val"]},
+    }
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "official", "official-val-folder", "kaggle"])
+def test_scan_finds_every_image_with_its_label_and_the_same_bytes(layout, sources, images):
+    dataset = scan(sources[layout], ("train", "val"))
+    assert dataset.layout == layout.removesuffix("-val-folder")
+    assert dataset.classes == sorted(SYNSETS.values())
+    index = dataset.class_index
+    found = {split: {r.key: index[r.wnid] for r in records} for split, records in dataset.records.items()}
+    assert found == expected_labels(images)
+    by_key = {sample_key(name): data for split in images.values() for name, data in split.items()}
+    assert all(record.read() == by_key[record.key] for records in dataset.records.values() for record in records)
+    assert dataset.unusable == []
+
+
+def test_every_layout_writes_byte_identical_shards(sources, tmp_path):
+    outputs = {}
+    for layout, src in sources.items():
+        out = tmp_path / layout
+        build_shards(src, out, image_size=32, shard_size=5, workers=1, show_progress=False)
+        outputs[layout] = out
+    reference = outputs["imagefolder"]
+    shard_files = sorted(p.relative_to(reference) for split in ("train", "val") for p in (reference / split).iterdir())
+    assert len(shard_files) == 2 * (3 + 2)  # 12 train -> 3 shards, 7 val -> 2 shards, each .tar + .idx
+    for layout, out in outputs.items():
+        assert sorted(p.relative_to(out) for split in ("train", "val") for p in (out / split).iterdir()) == shard_files
+        assert all((out / f).read_bytes() == (reference / f).read_bytes() for f in shard_files), layout
+        ours, theirs = PixelStats.load(out), PixelStats.load(reference)
+        assert all(np.array_equal(getattr(ours, f), getattr(theirs, f)) for f in PixelStats.FIELDS), layout
+        meta = read_meta(out)
+        assert meta["classes"] == [
+            {"index": i, "wnid": w, "name": n} for i, (w, n) in enumerate(sorted(SYNSETS.values()))
+        ]
+        assert meta["settings"]["layout"] == layout.removesuffix("-val-folder")
+
+
+def test_val_images_without_ground_truth_are_listed_not_fatal(sources, tmp_path):
+    src = shutil.copytree(sources["official-val-folder"], tmp_path / "src")
+    (src / "ILSVRC2012_img_val" / "ILSVRC2012_val_00000099.JPEG").write_bytes(photo_jpeg(99))
+    dataset = scan(src, ("val",))
+    assert len(dataset.records["val"]) == len(VAL_IDS)
+    assert [entry["reason"] for entry in dataset.unusable] == ["no val label for key ILSVRC2012_val_00000099"]
+
+
+def test_sample_keys_are_stems_without_dots():
+    assert sample_key("n01440764_10026.JPEG") == "n01440764_10026"
+    assert sample_key("dir/ILSVRC2012_val_00000001.JPEG") == "ILSVRC2012_val_00000001"
+    assert sample_key("photo.v2.jpg") == "photo_v2"
+    assert sample_key(".DS_Store") == "_DS_Store"
+
+
+def test_unknown_or_incomplete_sources_get_one_clear_line(sources, tmp_path):
+    with pytest.raises(DatasetError, match="is not a folder"):
+        detect_layout(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="expected one of: train/<wnid>"):
+        scan(tmp_path / "empty")
+    no_devkit = shutil.copytree(sources["official"], tmp_path / "no-devkit")
+    (no_devkit / "ILSVRC2012_devkit_t12.tar.gz").unlink()
+    with pytest.raises(DatasetError, match="validation labels need the devkit"):
+        scan(no_devkit, ("train", "val"))
+    assert len(scan(no_devkit, ("train",)).records["train"]) == 3 * TRAIN_PER_CLASS
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    with tarfile.open(gz / "ILSVRC2012_img_train.tar", "w:gz") as tar:
+        tar.add(sources["official"] / "ILSVRC2012_img_val.tar", arcname="n01000001.tar")
+    with pytest.raises(DatasetError, match="not an uncompressed tar"):
+        scan(gz, ("train",))
+    train_only = shutil.copytree(sources["imagefolder"], tmp_path / "train-only")
+    shutil.rmtree(train_only / "val")
+    with pytest.raises(DatasetError, match="has no val images"):
+        scan(train_only, ("train", "val"))

@@ -1,0 +1,93 @@
+"""Checkpoint files: written atomically, read back with a one-line error when unusable; random-state capture.
+
+A checkpoint (``checkpoints/last.pt``, ``checkpoints/best.pt``) is a dict::
+
+    model       state_dict of the bare model (no DDP ``module.`` prefix, no torch.compile wrapper)
+    optimizer   optimizer.state_dict()          schedule   schedule.state_dict()
+    epoch       the epoch to run next (0-based); with step_in_epoch > 0, the epoch in progress
+    step        optimizer steps done in all       step_in_epoch  steps done in ``epoch``
+    rng         per rank: the torch / CUDA / numpy / python random states
+    loader      per rank: the training loader's state_dict()
+    config      the whole resolved config, a plain dict (config["model"], config["data"], ...)
+    metrics     {"history": [epoch lines], "best_val_top1_err", "partial": sums of the epoch in progress}
+
+Files are trusted (this project writes them): ``torch.load(weights_only=False)`` restores numpy and python
+random states as they were.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REQUIRED_KEYS = ("model", "optimizer", "schedule", "epoch", "step", "rng", "loader", "config", "metrics")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message is one line naming the file and the fix."""
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename: ``path`` is always whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
+    """Copy a checkpoint file under a temporary name, then rename (``best.pt`` from ``last.pt``)."""
+    dst = Path(dst)
+    tmp = _temporary(dst)
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict at ``path``, on the CPU; ``CheckpointError`` if it is missing, corrupt or incomplete."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path, or use trainer.resume=never")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch raises many types for a damaged file (zip, pickle, EOF, ...)
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable ({reason}): delete it to start afresh, or resume from another "
+            "file with trainer.resume=PATH"
+        ) from None
+    missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {missing}: it was not written by train.main; delete it")
+    return state
+
+
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """Every random state this process draws from: torch (CPU and the rank's GPU), numpy and python."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Put back the random states saved by ``capture_rng``."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,0 +1,87 @@
+"""Train AlexNet: ``python -m train.main [+experiment=NAME] [key=value ...]``; ``-m`` runs a sweep.
+
+The parent (this process) composes and resolves the whole config (Hydra's interpolations do not resolve in
+spawned children), checks it, then starts ``trainer.devices`` workers (or uses torchrun's) through
+``train.distributed.launch``; rank 0's final validation top-1 error is returned for Hydra sweepers.
+
+Run dirs are deterministic, so re-running a command finds its own ``checkpoints/last.pt`` and resumes
+(``trainer.resume=auto``): ``outputs/<name>/<overrides>`` for a run, ``multirun/<name>/<overrides>`` for each
+sweep job, where ``<overrides>`` is Hydra's ``override_dirname`` without keys that do not change the result
+(data.root, trainer.devices, trainer.resume, ...; see conf/config.yaml), or ``default`` when none is left.
+
+Exit status: 0 done; 2 bad input (one line on stderr: missing data, bad stats, unknown key, bad checkpoint);
+1 training diverged (NaN/inf loss; the last good checkpoint is kept) or a worker crashed;
+128 + signal number after SIGTERM/SIGUSR1/Ctrl-C, once the checkpoint is saved (re-run to resume).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from train.config import TrainerConfig, check_batch, check_devices
+from train.distributed import StopRun, is_torchrun, launch
+from train.loop import EXIT_BAD_INPUT, USER_ERRORS, train_worker
+
+OmegaConf.register_new_resolver("or_default", lambda value: value or "default", replace=True)
+
+
+def resolve(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config as a plain dict with every interpolation resolved; ``???`` left is an error."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise StopRun(f"{err.full_key} is not set: pass {err.full_key}=VALUE on the command line", EXIT_BAD_INPUT) from None
+    except OmegaConfBaseException as err:
+        raise StopRun(f"config: {one_line(err)}", EXIT_BAD_INPUT) from None
+
+
+def one_line(err: BaseException) -> str:
+    """An exception and its cause as one line (Hydra's and OmegaConf's messages span several)."""
+    text = " ".join(str(err).split()[:60])
+    cause = err.__cause__
+    if cause is not None and str(cause):
+        text += f" ({str(cause).strip().splitlines()[0]})"
+    return text
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        config = resolve(cfg)
+        trainer = TrainerConfig.from_mapping(config["trainer"])
+        if not is_torchrun():
+            check_devices(trainer)
+            check_batch(config["data"], trainer.devices)
+        return launch(
+            train_worker, trainer.devices, config, run_dir, backend=trainer.backend, timeout_s=trainer.timeout_s
+        )
+    except USER_ERRORS as err:
+        stop = StopRun(str(err), EXIT_BAD_INPUT)
+    except StopRun as err:
+        stop = err
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(("error: " if stop.exit_code == EXIT_BAD_INPUT else "") + str(stop), file=sys.stderr, flush=True)
+    sys.exit(stop.exit_code)
+
+
+def cli() -> None:
+    """``python -m train.main``: Hydra's own errors (unknown key, bad override) become one line and exit 2."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # makes Hydra raise them instead of printing a stack
+    try:
+        main()
+    except HydraException as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":
+    cli()
