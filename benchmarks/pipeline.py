@@ -4,8 +4,9 @@
     python benchmarks/pipeline.py data.root=PATH loader=torch   # the webdataset + DataLoader reference
     python benchmarks/pipeline.py data.root=PATH loader=floor   # libjpeg-turbo decoding alone, same JPEGs
 
-All three use ``threads`` CPU threads (DALI threads, DataLoader worker processes, decoding threads). The
-last line printed is JSON with ``images_per_sec``.
+All three use ``threads`` CPU threads (DALI threads, DataLoader worker processes, decoding threads). Each
+times ``rounds`` runs of ``batches`` batches; ``images_per_sec`` is the best round (the least disturbed by
+other work on a shared machine), ``median_images_per_sec`` the median. The last line printed is JSON.
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from webdataset.tariterators import tarfile_samples
 
-from preprocess.shard_format import DatasetError, read_meta, shard_paths
-
-# This file is named like the package it measures: keep its own folder off the import path.
+# The scripts here are named like the packages they measure: keep this folder off the import path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 from pipeline.loader import build_loader  # noqa: E402
+from preprocess.shard_format import DatasetError, read_meta, shard_paths  # noqa: E402
 
 
 def loader_batches(data: dict, threads: int) -> tuple[Iterator[int], int]:
@@ -60,33 +60,41 @@ def floor_batches(data: dict, threads: int, batch: int, needed: int) -> tuple[It
     return batches(), batch
 
 
+def time_rounds(batches: Iterator[int], batch: int, timed: int, rounds: int, desc: str) -> list[float]:
+    """Images/s of ``rounds`` successive runs of ``timed`` batches each."""
+    rates = []
+    with tqdm(total=rounds * timed * batch, unit="img", desc=desc) as bar:
+        for _ in range(rounds):
+            images, start = 0, time.perf_counter()
+            for _ in range(timed):
+                size = next(batches)
+                images += size
+                bar.update(size)
+            rates.append(images / (time.perf_counter() - start))
+    return rates
+
+
 def run(cfg: DictConfig) -> dict:
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    threads, warmup, timed = int(cfg.threads), int(cfg.warmup), int(cfg.batches)
+    threads, warmup, timed, rounds = int(cfg.threads), int(cfg.warmup), int(cfg.batches), int(cfg.rounds)
     if cfg.loader == "floor":
-        batches, batch = floor_batches(
-            data, threads, int(data["batch_size"]), (warmup + timed) * int(data["batch_size"])
-        )
+        size = int(data["batch_size"])
+        batches, batch = floor_batches(data, threads, size, (warmup + timed) * size)
     elif cfg.loader in ("dali", "torch"):
         batches, batch = loader_batches({**data, "loader": cfg.loader}, threads)
     else:
         raise DatasetError(f"loader={cfg.loader!r} is not one of dali|torch|floor")
     for _ in range(warmup):
         next(batches)
-    images, start = 0, time.perf_counter()
-    with tqdm(total=timed * batch, unit="img", desc=f"{cfg.loader} x{threads}") as bar:
-        for _ in range(timed):
-            size = next(batches)
-            images += size
-            bar.update(size)
-    seconds = time.perf_counter() - start
+    rates = time_rounds(batches, batch, timed, rounds, f"{cfg.loader} x{threads}")
     return {
         "loader": str(cfg.loader),
         "threads": threads,
         "batch": batch,
-        "images": images,
-        "seconds": round(seconds, 3),
-        "images_per_sec": round(images / seconds, 1),
+        "images": timed * batch * rounds,
+        "rounds": [round(rate, 1) for rate in rates],
+        "median_images_per_sec": round(float(np.median(rates)), 1),
+        "images_per_sec": round(max(rates), 1),
     }
 
 
@@ -97,7 +105,10 @@ def main(cfg: DictConfig) -> None:
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print(f"{result['loader']}: {result['images_per_sec']} images/s on {result['threads']} threads")
+    print(
+        f"{result['loader']}: {result['images_per_sec']} images/s on {result['threads']} threads "
+        f"(best of {len(result['rounds'])} rounds; median {result['median_images_per_sec']})"
+    )
     print(json.dumps(result))
 
 

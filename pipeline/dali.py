@@ -22,11 +22,12 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import DataNode, Pipeline
 
-from pipeline.config import Norm, SplitPlan
+from pipeline.config import DataSpec, Norm, SplitPlan
 from pipeline.lighting import center_offset, tencrop_offsets
 
 READER = "reader"
 DEBUG_OUTPUTS = ("source_info", "crop_x", "crop_y", "flip", "alpha", "offset")  # tencrop: source_info only
+# DALI has no bfloat16: it outputs float32 and the loader casts
 DALI_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
 
 
@@ -49,9 +50,21 @@ def _read(plan: SplitPlan, seed: int, shuffle_buffer: int) -> tuple[DataNode, Da
 
 
 def _normalize(
-    images: DataNode, x: DataNode | float, y: DataNode | float, flip: DataNode | int, *, plan, mean, std, crop, dtype
-):
-    """Crop at integer corner (x, y), mirror, and compute ``(image - mean) / std`` as CHW."""
+    images: DataNode,
+    x: DataNode | float,
+    y: DataNode | float,
+    flip: DataNode | int,
+    *,
+    plan: SplitPlan,
+    mean: DataNode | list[float],
+    std: list[float],
+    crop: int,
+    dtype: types.DALIDataType,
+) -> DataNode:
+    """Crop at the integer corner (x, y), mirror, and compute ``(image - mean) / std`` as CHW.
+
+    ``crop_pos = x / margin`` puts the window exactly at pixel ``x`` (checked for every offset).
+    """
     margin = plan.image_size - crop
     scale = 1.0 / margin if margin else 0.0
     return fn.crop_mirror_normalize(
@@ -129,7 +142,7 @@ def augment_pipeline(
 def build_pipeline(
     plan: SplitPlan,
     norm: Norm,
-    spec,
+    spec: DataSpec,
     *,
     seed: int,
     gpu: bool,

@@ -54,6 +54,7 @@ class DaliBackend:
         self.ran = 0
 
     def _make(self, checkpoint: bytes | None = None):
+        # DALI is imported only when used, so data.loader=torch also runs where DALI is not installed
         from pipeline.dali import build_pipeline, reader_batches
 
         pipe = build_pipeline(self.plan, self.norm, checkpoint=checkpoint, **self._build)
@@ -61,17 +62,21 @@ class DaliBackend:
         return pipe
 
     def _tensor(self, outputs, real: int) -> torch.Tensor:
+        """A copy of a DALI batch (whose buffers the pipeline reuses) as a torch tensor on the pipeline's device."""
+        from nvidia.dali import types
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
+        batch = outputs.as_tensor()
         if not self.gpu:
-            return torch.from_numpy(np.array(outputs.as_tensor())[:real])
-        shape = outputs.as_tensor().shape()
-        dtype = torch.float16 if str(outputs.dtype).endswith("FLOAT16") else torch.float32
-        target = torch.empty(shape, dtype=dtype, device=torch.device("cuda", self.device_id))
-        feed_ndarray(outputs, target, cuda_stream=torch.cuda.current_stream())
+            return torch.from_numpy(np.array(batch)[:real])
+        device = torch.device("cuda", self.device_id)
+        dtype = torch.float16 if outputs.dtype == types.FLOAT16 else torch.float32
+        target = torch.empty(batch.shape(), dtype=dtype, device=device)
+        feed_ndarray(batch, target, cuda_stream=torch.cuda.current_stream(device))
         return target[:real]
 
     def epoch(self, epoch: int, start: int) -> Iterator[dict]:
+        """Batches ``start``.. of the current reader epoch (the reader counts epochs itself, ``epoch`` is unused)."""
         if start == 0 and self.ran:  # an unfinished reader epoch: run it out
             for _ in range(self.per_epoch - self.ran):
                 self.pipe.run()

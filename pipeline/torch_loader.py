@@ -103,39 +103,38 @@ class ShardStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, plan.rank, 2**31])
         return shuffle_buffer(stream(), self.spec.shuffle_buffer, rng)
 
+    def _tencrop(self, image: np.ndarray) -> np.ndarray:
+        """(10, 3, crop, crop): the five patches, then the same five mirrored."""
+        crop, norm = self.spec.crop_size, self.norm
+        patches = [(x, y, m) for m in (False, True) for x, y in tencrop_offsets(self.plan.image_size, crop)]
+        return np.stack(
+            [augment_numpy(image, x, y, crop, m, np.zeros(3), norm.mean, norm.std, np.float32) for x, y, m in patches]
+        )
+
     def _batch(self, index: int, samples: list[tuple[str, bytes, int]]) -> dict:
+        """Decode and augment batch ``index`` of the epoch; training batches also carry their draws."""
         spec, plan, norm = self.spec, self.plan, self.norm
-        crop = spec.crop_size
-        images, info = [], {"crop_x": [], "crop_y": [], "flip": [], "alpha": [], "offset": []}
+        images, draws = [], []
         for i, (_key, jpeg, _label) in enumerate(samples):
             image = decode(jpeg)
             if image.shape != (plan.image_size, plan.image_size, 3):
-                raise DatasetError(
-                    f"an image in {spec.root} is {image.shape}, meta.json says {plan.image_size}px: rebuild"
-                )
+                raise DatasetError(f"an image in {spec.root} is {image.shape}, not {plan.image_size}px: rebuild")
             if plan.mode == "tencrop":
-                patches = [(x, y, m) for m in (False, True) for x, y in tencrop_offsets(plan.image_size, crop)]
-                images.append(
-                    np.stack(
-                        [
-                            augment_numpy(image, x, y, crop, m, np.zeros(3), norm.mean, norm.std, np.float32)
-                            for x, y, m in patches
-                        ]
-                    )
-                )
+                images.append(self._tencrop(image))
                 continue
             x, y, flip, alpha = draw_params(spec, plan, self.seed, self.epoch, index * plan.batch + i)
             offset = norm.lighting @ alpha if norm.lighting is not None else np.zeros(3)
-            images.append(augment_numpy(image, x, y, crop, flip, offset, norm.mean, norm.std, np.float32))
-            for name, value in zip(info, (x, y, flip, alpha, offset), strict=True):
-                info[name].append(value)
+            images.append(augment_numpy(image, x, y, spec.crop_size, flip, offset, norm.mean, norm.std, np.float32))
+            draws.append((x, y, flip, alpha, offset))
         batch = {
             "images": torch.from_numpy(np.stack(images)).to(TORCH_DTYPES[spec.dtype]),
             "labels": torch.tensor([label for _, _, label in samples], dtype=torch.int64),
             "keys": [key for key, _, _ in samples],
         }
-        if plan.mode != "tencrop":
-            batch.update({name: np.asarray(values) for name, values in info.items()})
+        if draws:
+            columns = zip(*draws, strict=True)
+            names = ("crop_x", "crop_y", "flip", "alpha", "offset")
+            batch.update({name: np.asarray(column) for name, column in zip(names, columns, strict=True)})
         return batch
 
     def __iter__(self) -> Iterator[dict]:

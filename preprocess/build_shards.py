@@ -27,12 +27,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from preprocess.layouts import Dataset, Record, scan
 from preprocess.shard_format import (
@@ -213,23 +216,23 @@ def _pool_task(task: ShardTask) -> dict:
 
 def run_tasks(tasks: Sequence[ShardTask], workers: int, on_images: Callable[[int], None]) -> int:
     """Write the shards (in worker processes when workers > 1); returns the number of images written."""
-    written = 0
     if workers <= 1:
-        for task in tasks:
-            written += write_shard_task(task, on_images)["count"]
-        return written
+        return sum(write_shard_task(task, on_images)["count"] for task in tasks)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     drain = threading.Thread(target=lambda: [on_images(n) for n in iter(queue.get, None)], daemon=True)
     drain.start()
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,))
     try:
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(queue,)) as pool:
-            for info in pool.imap_unordered(_pool_task, tasks):
-                written += info["count"]
+        return sum(info["count"] for info in pool.map(_pool_task, tasks))
+    except BrokenProcessPool:
+        raise DatasetError(
+            "a worker process died (killed, or out of memory: try fewer workers=); re-run the same command to resume"
+        ) from None
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C or an error: no new shards, only running ones end
         queue.put(None)
         drain.join()
-    return written
 
 
 def merge_parts(out: Path, dataset: Dataset, tasks: Sequence[ShardTask], settings: dict) -> dict:
@@ -263,9 +266,7 @@ def merge_parts(out: Path, dataset: Dataset, tasks: Sequence[ShardTask], setting
     return meta
 
 
-def _progress_bar(total: int, enabled: bool):
-    from tqdm import tqdm
-
+def _progress_bar(total: int, enabled: bool) -> tqdm:
     return tqdm(total=total, unit="img", smoothing=0.05, dynamic_ncols=True, disable=not enabled)
 
 
@@ -335,7 +336,8 @@ def summary_line(summary: dict) -> str:
         head += f" ({summary['shards_skipped']} already complete)"
     timing = f"{summary['seconds']:.1f} s, {summary['images_per_sec']:.0f} images/s"
     if not summary["complete"]:
-        return f"{head}, {timing}; {summary['shards_missing']} shards still missing: run the other parts, then merge"
+        missing = summary["shards_missing"]
+        return f"{head}, {timing}; {missing} shards of other parts missing: the job completing the last one merges"
     counts = ", ".join(f"{split} {count}" for split, count in summary["counts"].items())
     return f"{head}, {timing}; dataset complete ({counts}), rejected {summary['rejected']} -> {summary['out']}"
 
@@ -347,6 +349,9 @@ def main(cfg: DictConfig) -> None:
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: complete shards are kept; run the same command again to finish", file=sys.stderr)
+        sys.exit(130)
     print(summary_line(summary))
 
 

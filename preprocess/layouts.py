@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ EXPECTED = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """One input image: sample key, class wnid, and where its bytes are."""
 
@@ -87,7 +88,8 @@ def sample_key(file_name: str) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.iterdir() if path.is_file())
+    with os.scandir(folder) as entries:  # DirEntry.is_file() needs no stat call: fast on 1.3M files
+        return sorted(Path(entry.path) for entry in entries if entry.is_file())
 
 
 def _class_folders(split_dir: Path) -> Iterator[Record]:
@@ -115,6 +117,7 @@ def _tar_files(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 
 def _train_tar(path: Path) -> Iterator[Record]:
     """Records of a tar of per-class tars, with absolute offsets into the outer tar: nothing is extracted."""
+    tar_path = str(path)  # one string shared by all 1.3M records
     with _open_tar(path) as outer:
         for member in _tar_files(outer):
             wnid = sample_key(member.name)
@@ -122,7 +125,7 @@ def _train_tar(path: Path) -> Iterator[Record]:
                 for image in _tar_files(inner):
                     origin = f"{path}/{member.name}/{image.name}"
                     offset = member.offset_data + image.offset_data
-                    yield Record(sample_key(image.name), wnid, str(path), offset, image.size, origin)
+                    yield Record(sample_key(image.name), wnid, tar_path, offset, image.size, origin)
 
 
 def _train_tar_wnids(path: Path) -> list[str]:

@@ -64,14 +64,22 @@ def is_truncated_jpeg(data: bytes) -> bool:
     return data.rfind(JPEG_EOI) < data.rfind(JPEG_SOS)
 
 
+# OpenCV's IMREAD_REDUCED_GRAYSCALE_k constants are the bare DCT-scaling bits; IMREAD_COLOR_RGB makes libjpeg
+# write RGB directly (no conversion pass) and IMREAD_IGNORE_ORIENTATION skips EXIF rotation
+_REDUCTION_FLAGS = {
+    1: 0,
+    2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
+_RGB_FLAGS = cv2.IMREAD_COLOR_RGB | cv2.IMREAD_IGNORE_ORIENTATION
+
+
 def _decode_with_opencv(data: bytes, reduction: int) -> np.ndarray:
-    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}.get(
-        reduction, cv2.IMREAD_REDUCED_COLOR_8
-    )
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None:
+    rgb = cv2.imdecode(np.frombuffer(data, np.uint8), _RGB_FLAGS | _REDUCTION_FLAGS[reduction])
+    if rgb is None:
         raise UnusableImage("JPEG data could not be decoded")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
 
 
 def _decode_with_pillow(image: Image.Image, reduction: int) -> np.ndarray:
@@ -128,10 +136,10 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 
 def decode_jpeg(data: bytes) -> np.ndarray:
     """Decode one of our own output JPEGs to RGB (the pixels readers will see)."""
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None:
+    rgb = cv2.imdecode(np.frombuffer(data, np.uint8), _RGB_FLAGS)
+    if rgb is None:
         raise UnusableImage("encoded JPEG does not decode")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
 
 
 def transcode(data: bytes, size: int, quality: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> bytes:

@@ -140,3 +140,18 @@ def test_lighting_is_one_offset_per_image_with_std_sigma(gray_root: Path, scale:
     assert alphas.shape == (384, 3)
     assert np.abs(alphas.std(axis=0) - 0.1).max() < 0.02 and np.abs(alphas.mean(axis=0)).max() < 0.02
     assert len(np.unique(alphas[:, 0])) == len(alphas)  # a fresh draw per image and presentation
+
+
+@pytest.mark.parametrize("mode", ["train", "center", "tencrop"])
+def test_gpu_graph_is_defined_without_a_gpu(shard_root: Path, mode: str) -> None:
+    """The GPU variant's graph (mixed decoding, GPU operators) is defined here; building it needs a GPU."""
+    from pipeline.config import DataSpec, Norm, load_dataset, plan_split
+    from pipeline.dali import augment_pipeline
+
+    spec = DataSpec.from_cfg(data_cfg(shard_root, dtype="float16", lighting={"sigma": 0.1}))
+    meta, stats = load_dataset(spec)
+    plan = plan_split(spec, meta, "train", mode, 0, 1)
+    norm = Norm.from_stats(spec, stats, plan.image_size)
+    kwargs = dict(crop=CROP, random_crop=True, flip=True, sigma=0.1, dtype="float16", reader_seed=0, shuffle_buffer=64)
+    pipe = augment_pipeline(plan, norm, gpu=True, batch_size=4, num_threads=1, device_id=0, **kwargs)
+    assert pipe is not None

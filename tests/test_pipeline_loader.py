@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import subprocess
 import sys
@@ -199,3 +200,26 @@ def test_preview_reports_a_bad_root_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
     assert "does not exist" in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_gpu_request_without_a_gpu_is_one_line(shard_root: Path) -> None:
+    with pytest.raises(DatasetError, match=r"data.device=gpu needs the trainer on a CUDA device, it is on cpu"):
+        build_loader(data_cfg(shard_root, "dali", device="gpu"), "train", "train", device="cpu")
+
+
+@pytest.mark.parametrize("mode", ["floor", "dali"])
+def test_benchmark_ends_with_json_images_per_sec(shard_root: Path, mode: str) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline.py"
+    args = [
+        f"data.root={shard_root}",
+        f"loader={mode}",
+        "batches=2",
+        "rounds=1",
+        "warmup=1",
+        "data.batch_size=16",
+        f"data.crop_size={CROP}",
+    ]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["loader"] == mode and result["images"] == 32 and result["images_per_sec"] > 0

@@ -45,7 +45,7 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
 
 def one_line(err: BaseException) -> str:
     """An exception and its cause as one line (Hydra's and OmegaConf's messages span several)."""
-    text = " ".join(str(err).split()[:60])
+    text = " ".join(str(err).split(" Config search path:")[0].split())
     cause = err.__cause__
     if cause is not None and str(cause):
         text += f" ({str(cause).strip().splitlines()[0]})"

@@ -1,0 +1,197 @@
+"""``python -m train.main`` as users run it: real worker processes (gloo), real DALI pipelines on the digits
+shards, Hydra sweeps, signals, and the one-line errors of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.loader import build_loader
+from preprocess.shard_format import STATS_FILE
+from train.checkpoint import REQUIRED_KEYS, load_checkpoint
+from train.model import AlexNet
+
+TEST_CROP = 64  # conftest.TEST_CROP: the 80 px digits shards with the AlexNet geometry
+SMALL = [f"data.crop_size={TEST_CROP}", "data.batch_size=16", "model.width=0.25", "trainer.progress=false"]
+STEP_KEYS = {"kind", "epoch", "step", "lr", "loss", "train_top1_err", "images_per_sec", "data_wait"}
+EPOCH_KEYS = STEP_KEYS | {"val_top1_err", "val_top5_err", "seconds"}
+SUMMARY_KEYS = {"val_top1_err", "val_top5_err", "tencrop_top1_err", "tencrop_top5_err", "best_val_top1_err", "epochs",
+                "wall_seconds", "images_per_sec"}
+
+
+def command(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "train.main", *overrides]
+
+
+def train(cwd: Path, *overrides: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(command(*overrides), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def two_rank_overrides(shard_root: Path, run_dir: Path) -> list[str]:
+    return [f"data.root={shard_root}", *SMALL, "trainer.devices=2", "trainer.max_epochs=3", "trainer.log_every=1",
+            f"hydra.run.dir={run_dir}"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(shard_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two gloo ranks, 3 epochs of 10 steps, uninterrupted."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = train(run_dir.parent, *two_rank_overrides(shard_root, run_dir))
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def error_rates(model: torch.nn.Module, shard_root: Path, mode: str) -> tuple[float, float]:
+    """Top-1/top-5 error of ``model`` over the whole val split, one process, counted with numpy."""
+    data = {"root": str(shard_root), "crop_size": TEST_CROP, "batch_size": 7}
+    wrong1 = wrong5 = total = 0
+    with torch.no_grad():
+        for images, labels in build_loader(data, "val", mode):
+            if mode == "tencrop":
+                logits = model(images.flatten(0, 1)).view(*images.shape[:2], -1).numpy().astype(np.float64)
+                probs = np.exp(logits - logits.max(-1, keepdims=True))
+                scores = (probs / probs.sum(-1, keepdims=True)).mean(1)
+            else:
+                scores = model(images).numpy()
+            ranked = np.argsort(-scores, axis=1)
+            labels = labels.numpy()[:, None]
+            wrong1 += int((ranked[:, :1] != labels).all(1).sum())
+            wrong5 += int((ranked[:, :5] != labels).all(1).sum())
+            total += len(labels)
+    return wrong1 / total, wrong5 / total
+
+
+def test_two_rank_training_writes_every_output(reference_run: Path, shard_root: Path) -> None:
+    steps, epochs = records(reference_run, "step"), records(reference_run, "epoch")
+    assert [r["step"] for r in steps] == list(range(1, 31))  # 160 train images, 16 a step: 10 steps an epoch
+    assert all(set(r) == STEP_KEYS for r in steps) and all(set(r) == EPOCH_KEYS for r in epochs)
+    assert [r["epoch"] for r in epochs] == [1, 2, 3] and [r["step"] for r in epochs] == [10, 20, 30]
+    assert all(np.isfinite(r["loss"]) and 0 <= r["data_wait"] <= 1 and r["images_per_sec"] > 0 for r in steps)
+    # the epoch loss is the mean of its steps' losses (equal batches): the logging adds up what it should
+    for epoch in epochs:
+        mine = [r["loss"] for r in steps if r["epoch"] == epoch["epoch"]]
+        assert epoch["loss"] == pytest.approx(np.mean(mine), rel=1e-9)
+    assert epochs[-1]["loss"] < epochs[0]["loss"]
+
+    summary = json.loads((reference_run / "summary.json").read_text())
+    assert set(summary) == SUMMARY_KEYS and summary["epochs"] == 3
+    assert summary["best_val_top1_err"] == min(r["val_top1_err"] for r in epochs)
+    assert list((reference_run / "tensorboard").glob("events.out.tfevents.*"))
+
+    checkpoint = load_checkpoint(reference_run / "checkpoints" / "last.pt")
+    assert set(REQUIRED_KEYS) <= set(checkpoint) and (checkpoint["epoch"], checkpoint["step"]) == (3, 30)
+    assert len(checkpoint["loader"]) == len(checkpoint["rng"]) == 2
+    assert checkpoint["config"]["data"]["root"] == str(shard_root)  # resolved, plain
+    assert (reference_run / "checkpoints" / "best.pt").is_file()
+
+    # the errors the ranks counted together equal one process's count over the same weights
+    model = AlexNet(10, crop_size=TEST_CROP, **checkpoint["config"]["model"]).eval()
+    model.load_state_dict(checkpoint["model"])
+    assert (summary["val_top1_err"], summary["val_top5_err"]) == pytest.approx(error_rates(model, shard_root, "center"))
+    assert (summary["tencrop_top1_err"], summary["tencrop_top5_err"]) == pytest.approx(
+        error_rates(model, shard_root, "tencrop")
+    )
+
+
+def test_sigterm_saves_and_resume_ends_with_the_same_weights(reference_run: Path, shard_root: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    overrides = two_rank_overrides(shard_root, run_dir)
+    process = subprocess.Popen(command(*overrides), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    interrupted = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert interrupted["step"] < 30
+
+    resumed = train(tmp_path, *overrides)  # the same command: trainer.resume=auto finds last.pt
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    final, reference = (load_checkpoint(d / "checkpoints" / "last.pt") for d in (run_dir, reference_run))
+    assert final["step"] == reference["step"] == 30
+    for name, tensor in reference["model"].items():
+        assert torch.equal(final["model"][name], tensor), name
+    # metrics.jsonl reads as one run: every step once, the same losses as the uninterrupted run
+    assert [r["step"] for r in records(run_dir, "step")] == list(range(1, 31))
+    assert [r["loss"] for r in records(run_dir, "epoch")] == [r["loss"] for r in records(reference_run, "epoch")]
+
+
+def test_sweep_runs_each_job_with_its_own_summary(shard_root: Path, tmp_path: Path) -> None:
+    result = train(
+        tmp_path, "-m", f"data.root={shard_root}", *SMALL, "trainer.max_epochs=1", "trainer.tencrop=false",
+        "optim.lr=0.01,0.005", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert result.returncode == 0, result.stderr
+    summaries = {d.name: json.loads((d / "summary.json").read_text()) for d in (tmp_path / "sweep").iterdir() if d.is_dir()}
+    # one dir per override set, named by the overrides (so a re-run resumes each job); where the data is and
+    # whether the bar shows change nothing in the result and are left out of the name
+    assert len(summaries) == 2 and all(s["epochs"] == 1 for s in summaries.values())
+    assert all("data.root" not in name and "trainer.progress" not in name for name in summaries)
+    lrs = {next(part for part in name.split(",") if part.startswith("optim.lr=")): records(tmp_path / "sweep" / name, "step")[0]["lr"]
+           for name in summaries}
+    assert lrs == {"optim.lr=0.01": 0.01, "optim.lr=0.005": 0.005}
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shard_root: Path, tmp_path: Path) -> None:
+    # lr 1e-3 in epoch 1, then 1e-3 * 1e7 from epoch 2: the loss explodes in epoch 2
+    result = train(
+        tmp_path, f"data.root={shard_root}", *SMALL, "trainer.max_epochs=3", "trainer.log_every=1", "optim.lr=0.001",
+        "schedule=step", "schedule.step_epochs=1", "schedule.factor=1e7", f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "NaN or infinite" in lines[0] and "last good checkpoint" in lines[0]
+    kept = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert kept["epoch"] == 1 and all(torch.isfinite(t).all() for t in kept["model"].values())
+
+
+def corrupt_stats(shard_root: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "shards"
+    shutil.copytree(shard_root, copy)
+    with np.load(copy / STATS_FILE) as data:
+        stats = dict(data)
+    stats["mean_image"] = stats["mean_image"][:40, :40]  # stats of other shards (40 px, these are 80 px)
+    np.savez(copy / STATS_FILE, **stats)
+    return copy
+
+
+def corrupt_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"\x00" * 100)
+
+
+BAD_INPUTS = {
+    "root-not-set": (lambda root, tmp: [], "data.root is not set"),
+    "root-missing": (lambda root, tmp: [f"data.root={tmp / 'nowhere'}"], "does not exist"),
+    "root-empty": (lambda root, tmp: (tmp / "empty").mkdir() or [f"data.root={tmp / 'empty'}"], "meta.json"),
+    "stats-mismatch": (lambda root, tmp: [f"data.root={corrupt_stats(root, tmp)}"], "stats"),
+    "unknown-key": (lambda root, tmp: [f"data.root={root}", "trainer.fast=true"], "trainer.fast"),
+    "corrupt-checkpoint": (lambda root, tmp: corrupt_checkpoint(tmp) or [f"data.root={root}"], "last.pt"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gives_one_line_and_exit_code_2(case: str, shard_root: Path, tmp_path: Path) -> None:
+    make, expected = BAD_INPUTS[case]
+    result = train(tmp_path, *SMALL, *make(shard_root, tmp_path), f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr

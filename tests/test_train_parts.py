@@ -1,0 +1,123 @@
+"""The trainer's parts on their own: the launcher's real worker processes, checkpoint files, metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from train.checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint, save_checkpoint
+from train.distributed import StopRun, launch
+from train.main import one_line
+from train.runlog import format_epoch_line, truncate_after
+
+
+# ---- workers for launch() (module level: spawned children import them by name) ----------------------------
+
+
+def sum_of_ranks(rank: int, world_size: int, offset: int) -> tuple[int, float]:
+    value = torch.tensor([float(rank + offset)])
+    dist.all_reduce(value)
+    return world_size, value.item()
+
+
+def rank_one_dies(rank: int, world_size: int) -> None:
+    if rank == 1:
+        os._exit(7)  # dies without a word, as an OOM-killed process would
+    time.sleep(120)  # rank 0 is busy elsewhere: only the parent can end it
+
+
+def rank_one_stops(rank: int, world_size: int) -> None:
+    dist.barrier()
+    if rank == 1:
+        raise StopRun("data.root=/nowhere does not exist", 2)
+    dist.barrier()  # rank 0 waits for a partner that is gone
+
+
+def test_launch_returns_rank0_result_of_a_real_all_reduce() -> None:
+    assert launch(sum_of_ranks, 2, 10, timeout_s=60) == (2, 10.0 + 11.0)
+    assert launch(sum_of_ranks, 1, 10, timeout_s=60) == (1, 10.0)
+    assert "RANK" not in os.environ  # the in-process run leaves no torchrun variables behind for the next job
+
+
+def test_a_dead_worker_stops_the_others_in_bounded_time() -> None:
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"rank 1 exited with status 7"):
+        launch(rank_one_dies, 2, grace_s=2.0, timeout_s=60)
+    assert time.monotonic() - started < 20  # rank 0 would have slept 120 s
+
+
+def test_stop_run_reaches_the_parent_with_its_message_and_code() -> None:
+    with pytest.raises(StopRun, match="data.root=/nowhere does not exist") as caught:
+        launch(rank_one_stops, 2, grace_s=2.0, timeout_s=60)
+    assert caught.value.exit_code == 2
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+
+def full_state() -> dict:
+    state = {key: {} for key in REQUIRED_KEYS}
+    state["model"] = {"w": torch.arange(6.0).reshape(2, 3)}
+    state["epoch"], state["step"] = 3, 42
+    return state
+
+
+def test_checkpoint_round_trip_is_atomic(tmp_path) -> None:
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint(path, full_state())
+    save_checkpoint(path, full_state())  # replacing an existing file
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left behind
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["model"]["w"], torch.arange(6.0).reshape(2, 3))
+    assert (loaded["epoch"], loaded["step"]) == (3, 42)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing-keys", "absent"])
+def test_unusable_checkpoints_give_one_line(tmp_path, damage: str) -> None:
+    path = tmp_path / "last.pt"
+    if damage == "garbage":
+        path.write_bytes(b"not a checkpoint at all")
+    elif damage == "truncated":
+        save_checkpoint(path, full_state())
+        path.write_bytes(path.read_bytes()[:200])
+    elif damage == "missing-keys":
+        torch.save({"model": {}}, path)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message
+
+
+# ---- metrics.jsonl and console -----------------------------------------------------------------------------
+
+
+def test_truncate_after_drops_lines_past_the_checkpoint(tmp_path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"kind": "step", "step": s}) + "\n" for s in (2, 4, 6, 8)))
+    truncate_after(path, 5)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [2, 4]
+
+
+def test_epoch_line_shows_percentages() -> None:
+    record = dict(epoch=3, loss=1.23456, train_top1_err=0.5, val_top1_err=0.25, val_top5_err=0.125, lr=0.01,
+                  images_per_sec=1234.4, data_wait=0.031, seconds=12.34)
+    line = format_epoch_line(record, 90)
+    assert line.startswith("epoch 3/90 | loss 1.2346 | train err 50.00%")
+    assert "top-1 25.00% top-5 12.50%" in line and "1234 img/s" in line and "data wait 3.1%" in line
+
+
+def test_one_line_joins_message_and_cause() -> None:
+    try:
+        try:
+            raise RuntimeError("Key 'foo' is not in struct\n    full_key: trainer.foo")
+        except RuntimeError as cause:
+            raise ValueError("Could not override 'trainer.foo'.\nTo append use +trainer.foo=1") from cause
+    except ValueError as err:
+        assert one_line(err) == (
+            "Could not override 'trainer.foo'. To append use +trainer.foo=1 (Key 'foo' is not in struct)"
+        )
