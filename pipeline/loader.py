@@ -62,13 +62,18 @@ class DaliBackend:
         return pipe
 
     def _tensor(self, outputs, real: int) -> torch.Tensor:
-        """A copy of a DALI batch (whose buffers the pipeline reuses) as a torch tensor on the pipeline's device."""
+        """A DALI batch as a torch tensor on the pipeline's device.
+
+        CPU: zero-copy. The dynamic executor (``exec_dynamic=True``) never reuses an output buffer that is still
+        referenced, and the numpy view keeps it referenced; copying into fresh memory cost ~30% of the CPU
+        throughput (page faults on 77 MB per batch). GPU: one device copy into PyTorch's caching allocator.
+        """
         from nvidia.dali import types
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         batch = outputs.as_tensor()
         if not self.gpu:
-            return torch.from_numpy(np.array(batch)[:real])
+            return torch.from_numpy(np.asarray(batch))[:real]
         device = torch.device("cuda", self.device_id)
         dtype = torch.float16 if outputs.dtype == types.FLOAT16 else torch.float32
         target = torch.empty(batch.shape(), dtype=dtype, device=device)

@@ -124,22 +124,24 @@ def _describe_difference(old: dict, new: dict) -> str:
 
 
 def claim_out(out: Path, plan: dict) -> None:
-    """Make ``out`` ours: new or empty, or holding a run of this very plan (resume); anything else is an error."""
+    """Make ``out`` ours: new or empty, or holding a run of this very plan (resume); anything else is an error.
+
+    Part jobs starting together on an empty folder all write the same plan.json (atomically): no race.
+    """
     plan_path = out / PARTS_DIR / PLAN_FILE
-    if plan_path.is_file():
-        old = json.loads(plan_path.read_text())
-        if old.get("fingerprint") != plan["fingerprint"]:
+    if not plan_path.is_file():
+        if out.is_file() or (out.is_dir() and any(path.name != PARTS_DIR for path in out.iterdir())):
             raise DatasetError(
-                f"out {out} holds shards of another dataset or settings ({_describe_difference(old, plan)}): "
-                "choose a new out= folder or delete this one"
+                f"out {out} exists and was not written by this build_shards run: choose a new or empty out= folder"
             )
-        return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(plan_path, plan)
+    old = json.loads(plan_path.read_text())
+    if old.get("fingerprint") != plan["fingerprint"]:
         raise DatasetError(
-            f"out {out} exists and was not written by this build_shards run: choose a new or empty out= folder"
+            f"out {out} holds shards of another dataset or settings ({_describe_difference(old, plan)}): "
+            "choose a new out= folder or delete this one"
         )
-    (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(plan_path, plan)
 
 
 def _remove_stale_temporaries(path: Path) -> None:

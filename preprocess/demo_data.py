@@ -70,7 +70,9 @@ def main(argv: list[str]) -> None:
     args = dict(arg.split("=", 1) for arg in argv)
     if "out" not in args or set(args) - {"out", "seed", "limit"}:
         sys.exit("usage: python -m preprocess.demo_data out=DIR [seed=0] [limit=N]")
-    counts = write_digits_tree(args["out"], seed=int(args.get("seed", 0)), limit=int(args["limit"]) if "limit" in args else None)
+    counts = write_digits_tree(
+        args["out"], seed=int(args.get("seed", 0)), limit=int(args["limit"]) if "limit" in args else None
+    )
     print(f"wrote {counts['train']} train and {counts['val']} val digit images to {args['out']}")
 
 

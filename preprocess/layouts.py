@@ -111,6 +111,15 @@ def _open_tar(path: Path) -> tarfile.TarFile:
         raise DatasetError(f"{path} is not an uncompressed tar ({err}): use the original ILSVRC-2012 file") from None
 
 
+def _open_inner_tar(outer: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=outer.extractfile(member), mode="r:")
+    except tarfile.ReadError:
+        raise DatasetError(
+            f"{path} holds {member.name}, not a per-class tar: is it ILSVRC2012_img_train.tar?"
+        ) from None
+
+
 def _tar_files(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
     return (member for member in tar if member.isfile())
 
@@ -121,7 +130,7 @@ def _train_tar(path: Path) -> Iterator[Record]:
     with _open_tar(path) as outer:
         for member in _tar_files(outer):
             wnid = sample_key(member.name)
-            with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
+            with _open_inner_tar(outer, member, path) as inner:
                 for image in _tar_files(inner):
                     origin = f"{path}/{member.name}/{image.name}"
                     offset = member.offset_data + image.offset_data

@@ -120,10 +120,13 @@ def read_meta(root: str | Path) -> dict:
     root = Path(root)
     meta_path = root / META_FILE
     if not root.is_dir():
-        raise DatasetError(f"data folder {root} does not exist: point data.root at the out= folder of preprocess.build_shards")
+        raise DatasetError(
+            f"data folder {root} does not exist: pass the out= folder written by preprocess.build_shards"
+        )
     if not meta_path.is_file():
         raise DatasetError(
-            f"{meta_path} not found: {root} is not a finished shard folder; run `python -m preprocess.build_shards src=... out={root}`"
+            f"{meta_path} not found: {root} is not a finished shard folder; "
+            f"run `python -m preprocess.build_shards src=... out={root}`"
         )
     try:
         return json.loads(meta_path.read_text())
@@ -175,9 +178,16 @@ class PixelStats:
     def load(cls, root: str | Path) -> PixelStats:
         path = Path(root) / STATS_FILE
         if not path.is_file():
-            raise DatasetError(f"{path} not found: run `python -m preprocess.build_shards` to compute the training statistics")
+            raise DatasetError(
+                f"{path} not found: run `python -m preprocess.build_shards` to compute the training statistics"
+            )
         with np.load(path) as data:
             missing = [name for name in cls.FIELDS if name not in data]
             if missing:
                 raise DatasetError(f"{path} lacks {missing}: it was not written by preprocess.build_shards; rebuild it")
-            return cls(**{name: (int(data[name]) if name == "pixels" else data[name].astype(np.float64)) for name in cls.FIELDS})
+            return cls(
+                **{
+                    name: (int(data[name]) if name == "pixels" else data[name].astype(np.float64))
+                    for name in cls.FIELDS
+                }
+            )

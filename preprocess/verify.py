@@ -12,13 +12,15 @@ import multiprocessing as mp
 import os
 import sys
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
 import hydra
 import numpy as np
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from preprocess.shard_format import (
     CLASS_EXT,
@@ -107,7 +109,15 @@ def _check_stats(root: Path, image_size: int, train_count: int) -> list[str]:
     return problems
 
 
-def verify(root: str | Path, workers: int = 1) -> list[str]:
+def _map(function: Callable, jobs: Sequence, workers: int) -> Iterator:
+    if workers <= 1:
+        yield from map(function, jobs)
+        return
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        yield from pool.map(function, jobs)
+
+
+def verify(root: str | Path, workers: int = 1, show_progress: bool = False) -> list[str]:
     """Every problem found in the shard folder ``root``, as readable lines; empty when all is well."""
     root = Path(root)
     try:
@@ -120,11 +130,8 @@ def verify(root: str | Path, workers: int = 1) -> list[str]:
         for split, info in meta["splits"].items()
         for shard in info["shards"]
     ]
-    if workers > 1:
-        with mp.get_context("spawn").Pool(workers) as pool:
-            results = pool.map(_check_shard_args, jobs)
-    else:
-        results = [check_shard(*job) for job in jobs]
+    checked = _map(_check_shard_args, jobs, workers)
+    results = list(tqdm(checked, total=len(jobs), unit="shard", disable=not show_progress, dynamic_ncols=True))
     problems = [problem for shard_problems, _ in results for problem in shard_problems]
     for split, info in meta["splits"].items():
         keys = [
@@ -148,7 +155,7 @@ def main(cfg: DictConfig) -> None:
         print("error: out= is required: the folder written by preprocess.build_shards", file=sys.stderr)
         sys.exit(2)
     workers = len(os.sched_getaffinity(0)) if cfg.workers is None else int(cfg.workers)
-    problems = verify(cfg.out, workers)
+    problems = verify(cfg.out, workers, show_progress=True)
     if problems:
         print(f"{cfg.out}: {len(problems)} problem(s):", *problems, sep="\n  ", file=sys.stderr)
         sys.exit(1)

@@ -223,3 +223,13 @@ def test_benchmark_ends_with_json_images_per_sec(shard_root: Path, mode: str) ->
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["loader"] == mode and result["images"] == 32 and result["images_per_sec"] > 0
+
+
+def test_held_batches_are_not_overwritten_by_later_ones(shard_root: Path) -> None:
+    """DALI outputs reach torch without a copy: a batch kept by the caller must survive the next epochs."""
+    loader = build_loader(data_cfg(shard_root, "dali"), "train", "train")
+    held = [(images, images.clone()) for images, _ in loader]
+    for _ in range(2):
+        for images, _ in loader:
+            images.add_(1.0)  # the trainer may work in place
+    assert all(torch.equal(kept, copy) for kept, copy in held)

@@ -194,6 +194,26 @@ def test_parts_share_the_work_and_the_last_one_merges(shard_root, digits_src, tm
     assert (out / "meta.json").read_text() == (shard_root / "meta.json").read_text()
 
 
+def test_concurrent_part_jobs_on_an_empty_folder_give_the_same_dataset(shard_root, digits_src, tmp_path):
+    out = tmp_path / "concurrent"
+    common = [f"src={digits_src}", f"out={out}", f"image_size={SIZE}", "shard_size=40", "workers=1", "parts=2"]
+    jobs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "preprocess.build_shards", *common, f"part={part}", "show_progress=false"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for part in (0, 1)
+    ]
+    outputs = [job.communicate(timeout=120) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    assert any("dataset complete" in stdout for stdout, _ in outputs)
+    assert shard_bytes(out) == shard_bytes(shard_root)
+    assert (out / "meta.json").read_text() == (shard_root / "meta.json").read_text()
+
+
 @pytest.fixture()
 def quirky_src(digits_src, tmp_path) -> Path:
     """The digits' train/val tree plus every kind of odd file in one class folder."""

@@ -222,6 +222,9 @@ def test_unknown_or_incomplete_sources_get_one_clear_line(sources, tmp_path):
         tar.add(sources["official"] / "ILSVRC2012_img_val.tar", arcname="n01000001.tar")
     with pytest.raises(DatasetError, match="not an uncompressed tar"):
         scan(gz, ("train",))
+    (gz / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes({"README.txt": b"not a class tar\n"}))
+    with pytest.raises(DatasetError, match="holds README.txt, not a per-class tar"):
+        scan(gz, ("train",))
     train_only = shutil.copytree(sources["imagefolder"], tmp_path / "train-only")
     shutil.rmtree(train_only / "val")
     with pytest.raises(DatasetError, match="has no val images"):

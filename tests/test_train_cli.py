@@ -24,8 +24,16 @@ TEST_CROP = 64  # conftest.TEST_CROP: the 80 px digits shards with the AlexNet g
 SMALL = [f"data.crop_size={TEST_CROP}", "data.batch_size=16", "model.width=0.25", "trainer.progress=false"]
 STEP_KEYS = {"kind", "epoch", "step", "lr", "loss", "train_top1_err", "images_per_sec", "data_wait"}
 EPOCH_KEYS = STEP_KEYS | {"val_top1_err", "val_top5_err", "seconds"}
-SUMMARY_KEYS = {"val_top1_err", "val_top5_err", "tencrop_top1_err", "tencrop_top5_err", "best_val_top1_err", "epochs",
-                "wall_seconds", "images_per_sec"}
+SUMMARY_KEYS = {
+    "val_top1_err",
+    "val_top5_err",
+    "tencrop_top1_err",
+    "tencrop_top5_err",
+    "best_val_top1_err",
+    "epochs",
+    "wall_seconds",
+    "images_per_sec",
+}
 
 
 def command(*overrides: str) -> list[str]:
@@ -42,8 +50,14 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 
 
 def two_rank_overrides(shard_root: Path, run_dir: Path) -> list[str]:
-    return [f"data.root={shard_root}", *SMALL, "trainer.devices=2", "trainer.max_epochs=3", "trainer.log_every=1",
-            f"hydra.run.dir={run_dir}"]
+    return [
+        f"data.root={shard_root}",
+        *SMALL,
+        "trainer.devices=2",
+        "trainer.max_epochs=3",
+        "trainer.log_every=1",
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +124,9 @@ def test_two_rank_training_writes_every_output(reference_run: Path, shard_root: 
 def test_sigterm_saves_and_resume_ends_with_the_same_weights(reference_run: Path, shard_root: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     overrides = two_rank_overrides(shard_root, run_dir)
-    process = subprocess.Popen(command(*overrides), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        command(*overrides), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
@@ -136,25 +152,45 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(reference_run: Path
 
 def test_sweep_runs_each_job_with_its_own_summary(shard_root: Path, tmp_path: Path) -> None:
     result = train(
-        tmp_path, "-m", f"data.root={shard_root}", *SMALL, "trainer.max_epochs=1", "trainer.tencrop=false",
-        "optim.lr=0.01,0.005", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        tmp_path,
+        "-m",
+        f"data.root={shard_root}",
+        *SMALL,
+        "trainer.max_epochs=1",
+        "trainer.tencrop=false",
+        "optim.lr=0.01,0.005",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
     assert result.returncode == 0, result.stderr
-    summaries = {d.name: json.loads((d / "summary.json").read_text()) for d in (tmp_path / "sweep").iterdir() if d.is_dir()}
+    summaries = {
+        d.name: json.loads((d / "summary.json").read_text()) for d in (tmp_path / "sweep").iterdir() if d.is_dir()
+    }
     # one dir per override set, named by the overrides (so a re-run resumes each job); where the data is and
     # whether the bar shows change nothing in the result and are left out of the name
     assert len(summaries) == 2 and all(s["epochs"] == 1 for s in summaries.values())
     assert all("data.root" not in name and "trainer.progress" not in name for name in summaries)
-    lrs = {next(part for part in name.split(",") if part.startswith("optim.lr=")): records(tmp_path / "sweep" / name, "step")[0]["lr"]
-           for name in summaries}
+    lrs = {
+        next(part for part in name.split(",") if part.startswith("optim.lr=")): records(
+            tmp_path / "sweep" / name, "step"
+        )[0]["lr"]
+        for name in summaries
+    }
     assert lrs == {"optim.lr=0.01": 0.01, "optim.lr=0.005": 0.005}
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shard_root: Path, tmp_path: Path) -> None:
     # lr 1e-3 in epoch 1, then 1e-3 * 1e7 from epoch 2: the loss explodes in epoch 2
     result = train(
-        tmp_path, f"data.root={shard_root}", *SMALL, "trainer.max_epochs=3", "trainer.log_every=1", "optim.lr=0.001",
-        "schedule=step", "schedule.step_epochs=1", "schedule.factor=1e7", f"hydra.run.dir={tmp_path / 'run'}",
+        tmp_path,
+        f"data.root={shard_root}",
+        *SMALL,
+        "trainer.max_epochs=3",
+        "trainer.log_every=1",
+        "optim.lr=0.001",
+        "schedule=step",
+        "schedule.step_epochs=1",
+        "schedule.factor=1e7",
+        f"hydra.run.dir={tmp_path / 'run'}",
     )
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()

@@ -15,7 +15,6 @@ from train.distributed import StopRun, launch
 from train.main import one_line
 from train.runlog import format_epoch_line, truncate_after
 
-
 # ---- workers for launch() (module level: spawned children import them by name) ----------------------------
 
 
@@ -104,8 +103,17 @@ def test_truncate_after_drops_lines_past_the_checkpoint(tmp_path) -> None:
 
 
 def test_epoch_line_shows_percentages() -> None:
-    record = dict(epoch=3, loss=1.23456, train_top1_err=0.5, val_top1_err=0.25, val_top5_err=0.125, lr=0.01,
-                  images_per_sec=1234.4, data_wait=0.031, seconds=12.34)
+    record = dict(
+        epoch=3,
+        loss=1.23456,
+        train_top1_err=0.5,
+        val_top1_err=0.25,
+        val_top5_err=0.125,
+        lr=0.01,
+        images_per_sec=1234.4,
+        data_wait=0.031,
+        seconds=12.34,
+    )
     line = format_epoch_line(record, 90)
     assert line.startswith("epoch 3/90 | loss 1.2346 | train err 50.00%")
     assert "top-1 25.00% top-5 12.50%" in line and "1234 img/s" in line and "data wait 3.1%" in line

@@ -30,7 +30,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.loader import build_loader
 from preprocess.shard_format import DatasetError, write_json_atomic
-from train.checkpoint import CheckpointError, capture_rng, copy_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from train.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    copy_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from train.config import ConfigError, TrainerConfig, check_batch
 from train.distributed import FORWARDED_SIGNALS, StopRun, chained_signal_handlers, worker_device
 from train.metrics import count_correct, errors_from_counts, tencrop_probs
@@ -134,13 +141,16 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch < 1:
             raise ConfigError(
-                f"the train split gives no full batch of {self.global_batch // world_size} per rank: lower data.batch_size"
+                f"the train split gives no full batch of {self.global_batch // world_size} per rank: "
+                "lower data.batch_size"
             )
         self.model = build_model(config, self.train_loader.num_classes).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         ddp = DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None, gradient_as_bucket_view=True
+            self.model,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
         )
         self.net: nn.Module = torch.compile(ddp) if tc.compile else ddp
         try:
@@ -182,7 +192,9 @@ class Trainer:
     def train_epoch(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One epoch (or what is left of it) over ``batches``; acts on stop signals at synchronisation points."""
         self.model.train()
-        self.log.start_epoch(self.epoch, self.steps_per_epoch * self.global_batch, self.step_in_epoch * self.global_batch)
+        self.log.start_epoch(
+            self.epoch, self.steps_per_epoch * self.global_batch, self.step_in_epoch * self.global_batch
+        )
         window = self.new_window()
         iterator = iter(batches)
         while True:
@@ -194,7 +206,11 @@ class Trainer:
             lr = self.schedule.step(self.epoch, self.step_in_epoch)
             loss, logits, labels = self.train_step(*batch)
             window.device_sums += torch.stack(
-                [loss.double() * labels.shape[0], count_correct(logits, labels, ks=(1,))[0].double(), (~loss.isfinite()).double()]
+                [
+                    loss.double() * labels.shape[0],
+                    count_correct(logits, labels, ks=(1,))[0].double(),
+                    (~loss.isfinite()).double(),
+                ]
             )
             window.steps += 1
             self.step += 1
@@ -255,7 +271,12 @@ class Trainer:
         tencrop = [None, None]
         if self.tc.tencrop:
             loader = build_loader(
-                self.config["data"], "val", "tencrop", rank=self.rank, world_size=self.world_size, seed=self.tc.seed,
+                self.config["data"],
+                "val",
+                "tencrop",
+                rank=self.rank,
+                world_size=self.world_size,
+                seed=self.tc.seed,
                 device=self.device,
             )
             tencrop = self.evaluate(loader, tencrop=True)
@@ -303,7 +324,9 @@ class Trainer:
                 f"diverged; {kept}; lower optim.lr or add schedule.warmup_epochs",
                 EXIT_DIVERGED,
             )
-        sums = Sums(loss, correct, window.steps * self.global_batch, wait / self.world_size, time.perf_counter() - window.start)
+        sums = Sums(
+            loss, correct, window.steps * self.global_batch, wait / self.world_size, time.perf_counter() - window.start
+        )
         self.partial.add(sums)
         self.log.step(
             {

@@ -38,7 +38,9 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
     try:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except MissingMandatoryValue as err:
-        raise StopRun(f"{err.full_key} is not set: pass {err.full_key}=VALUE on the command line", EXIT_BAD_INPUT) from None
+        raise StopRun(
+            f"{err.full_key} is not set: pass {err.full_key}=VALUE on the command line", EXIT_BAD_INPUT
+        ) from None
     except OmegaConfBaseException as err:
         raise StopRun(f"config: {one_line(err)}", EXIT_BAD_INPUT) from None
 
