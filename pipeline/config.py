@@ -60,7 +60,8 @@ class DataSpec:
         root = _get(cfg, "root")
         if root in (None, "???", ""):
             raise DatasetError("data.root is not set: pass data.root=PATH (the out= folder of preprocess.build_shards)")
-        lighting = _get(cfg, "lighting", {}) or {}
+        lighting = cfg.get("lighting", {}) if hasattr(cfg, "get") else {}
+        lighting = {"sigma": 0.0} if lighting is None else lighting  # data.lighting=null switches it off
         spec = cls(
             root=Path(str(root)).expanduser(),
             loader=_choice("loader", _get(cfg, "loader", "dali"), LOADERS),
@@ -69,7 +70,7 @@ class DataSpec:
             crop_size=int(_get(cfg, "crop_size", 224)),
             random_crop=bool(_get(cfg, "random_crop", True)),
             flip=bool(_get(cfg, "flip", True)),
-            lighting_sigma=float(_get(lighting, "sigma", 0.0)),
+            lighting_sigma=float(_get(lighting, "sigma", 0.1)),
             lighting_scale=_choice("lighting.scale", _get(lighting, "scale", "sqrt"), LIGHTING_SCALES),
             mean=_choice("mean", _get(cfg, "mean", "pixel"), MEAN_MODES),
             std=bool(_get(cfg, "std", False)),

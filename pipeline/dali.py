@@ -172,7 +172,7 @@ def build_pipeline(
         device_id=device_id if gpu else None,
         seed=seed * 1000 + plan.rank + 1,
         prefetch_queue_depth=spec.prefetch,
-        exec_dynamic=False,  # outputs stay valid while referenced: pipeline.loader hands them to torch without a copy
+        exec_dynamic=True,  # outputs stay valid while referenced: pipeline.loader hands them to torch without a copy
         checkpoint=checkpoint,
     )
     pipe.build()

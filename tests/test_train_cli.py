@@ -54,7 +54,7 @@ def two_rank_overrides(shard_root: Path, run_dir: Path) -> list[str]:
         f"data.root={shard_root}",
         *SMALL,
         "trainer.devices=2",
-        "trainer.max_epochs=3",
+        "trainer.max_epochs=2",
         "trainer.log_every=1",
         f"hydra.run.dir={run_dir}",
     ]
@@ -62,7 +62,7 @@ def two_rank_overrides(shard_root: Path, run_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference_run(shard_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two gloo ranks, 3 epochs of 10 steps, uninterrupted."""
+    """Two gloo ranks, 2 epochs of 10 steps, uninterrupted."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     result = train(run_dir.parent, *two_rank_overrides(shard_root, run_dir))
     assert result.returncode == 0, result.stderr
@@ -91,9 +91,9 @@ def error_rates(model: torch.nn.Module, shard_root: Path, mode: str) -> tuple[fl
 
 def test_two_rank_training_writes_every_output(reference_run: Path, shard_root: Path) -> None:
     steps, epochs = records(reference_run, "step"), records(reference_run, "epoch")
-    assert [r["step"] for r in steps] == list(range(1, 31))  # 160 train images, 16 a step: 10 steps an epoch
+    assert [r["step"] for r in steps] == list(range(1, 21))  # 160 train images, 16 a step: 10 steps an epoch
     assert all(set(r) == STEP_KEYS for r in steps) and all(set(r) == EPOCH_KEYS for r in epochs)
-    assert [r["epoch"] for r in epochs] == [1, 2, 3] and [r["step"] for r in epochs] == [10, 20, 30]
+    assert [r["epoch"] for r in epochs] == [1, 2] and [r["step"] for r in epochs] == [10, 20]
     assert all(np.isfinite(r["loss"]) and 0 <= r["data_wait"] <= 1 and r["images_per_sec"] > 0 for r in steps)
     # the epoch loss is the mean of its steps' losses (equal batches): the logging adds up what it should
     for epoch in epochs:
@@ -102,12 +102,12 @@ def test_two_rank_training_writes_every_output(reference_run: Path, shard_root: 
     assert epochs[-1]["loss"] < epochs[0]["loss"]
 
     summary = json.loads((reference_run / "summary.json").read_text())
-    assert set(summary) == SUMMARY_KEYS and summary["epochs"] == 3
+    assert set(summary) == SUMMARY_KEYS and summary["epochs"] == 2
     assert summary["best_val_top1_err"] == min(r["val_top1_err"] for r in epochs)
     assert list((reference_run / "tensorboard").glob("events.out.tfevents.*"))
 
     checkpoint = load_checkpoint(reference_run / "checkpoints" / "last.pt")
-    assert set(REQUIRED_KEYS) <= set(checkpoint) and (checkpoint["epoch"], checkpoint["step"]) == (3, 30)
+    assert set(REQUIRED_KEYS) <= set(checkpoint) and (checkpoint["epoch"], checkpoint["step"]) == (2, 20)
     assert len(checkpoint["loader"]) == len(checkpoint["rng"]) == 2
     assert checkpoint["config"]["data"]["root"] == str(shard_root)  # resolved, plain
     assert (reference_run / "checkpoints" / "best.pt").is_file()
@@ -136,18 +136,31 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(reference_run: Path
     assert process.returncode == 128 + signal.SIGTERM, stderr
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
     interrupted = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert interrupted["step"] < 30
+    assert interrupted["step"] < 20 and interrupted["step_in_epoch"] > 0  # stopped mid-epoch, at a step boundary
 
     resumed = train(tmp_path, *overrides)  # the same command: trainer.resume=auto finds last.pt
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout
     final, reference = (load_checkpoint(d / "checkpoints" / "last.pt") for d in (run_dir, reference_run))
-    assert final["step"] == reference["step"] == 30
+    assert final["step"] == reference["step"] == 20
     for name, tensor in reference["model"].items():
         assert torch.equal(final["model"][name], tensor), name
     # metrics.jsonl reads as one run: every step once, the same losses as the uninterrupted run
-    assert [r["step"] for r in records(run_dir, "step")] == list(range(1, 31))
+    assert [r["step"] for r in records(run_dir, "step")] == list(range(1, 21))
     assert [r["loss"] for r in records(run_dir, "epoch")] == [r["loss"] for r in records(reference_run, "epoch")]
+
+
+def test_torchrun_ranks_train_exactly_like_spawned_ones(reference_run: Path, shard_root: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    overrides = [o for o in two_rank_overrides(shard_root, run_dir) if not o.startswith("trainer.devices")]
+    result = subprocess.run(
+        [*torchrun, "-m", "train.main", *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stderr
+    final, reference = (load_checkpoint(d / "checkpoints" / "last.pt") for d in (run_dir, reference_run))
+    assert len(final["loader"]) == 2 and final["step"] == reference["step"]
+    assert all(torch.equal(final["model"][name], tensor) for name, tensor in reference["model"].items())
 
 
 def test_sweep_runs_each_job_with_its_own_summary(shard_root: Path, tmp_path: Path) -> None:
@@ -184,7 +197,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shard_root: Path, tmp
         tmp_path,
         f"data.root={shard_root}",
         *SMALL,
-        "trainer.max_epochs=3",
+        "trainer.max_epochs=2",
         "trainer.log_every=1",
         "optim.lr=0.001",
         "schedule=step",
