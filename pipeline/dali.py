@@ -6,8 +6,12 @@ alpha) are argument inputs and so always live on the CPU; they are identical for
 
 Every training output is ``(x[crop, flip] + M @ alpha - mean[crop, flip]) / std`` with ``x`` the stored
 0-255 image (see ``pipeline.lighting``). Lighting and the channel mean are folded into
-``crop_mirror_normalize``'s per-sample ``mean`` (``(x + o) - m = x - (m - o)``); a mean image is subtracted
-before the crop, so it is cropped and flipped with the image by construction.
+``crop_mirror_normalize``'s per-sample ``mean`` (``(x + o) - m = x - (m - o)``). A mean image is not in the
+graph: ``MeanImage`` subtracts its window (``mean[crop, flip] / std``) from each finished output, at the
+crop corner and flip the graph outputs. In the graph it took two more float passes over every image
+(arithmetic on the whole decoded image, then a float crop instead of a uint8 one), which held the CPU
+pipeline at 0.46-0.57 of the JPEG decoding rate; after the batch it is one in-place pass reading a
+cache-resident table (0.62-0.65; docs/README-pipeline.md).
 
 The reader gives every rank a contiguous 1/W of the samples (DALI shards by sample over the concatenated
 tars). Training reshuffles the order of the tars after every epoch with a seed shared by all ranks (so
@@ -19,6 +23,7 @@ what ``pipeline.loader`` trims or skips.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import DataNode, Pipeline
 
@@ -26,7 +31,9 @@ from pipeline.config import DataSpec, Norm, SplitPlan
 from pipeline.lighting import center_offset, tencrop_offsets
 
 READER = "reader"
-DEBUG_OUTPUTS = ("source_info", "crop_x", "crop_y", "flip", "alpha", "offset")  # tencrop: source_info only
+# after images, labels with a mean image or debug; not in tencrop (its windows are fixed)
+WINDOW_OUTPUTS = ("crop_x", "crop_y", "flip")
+DEBUG_OUTPUTS = ("source_info", "alpha", "offset")  # last, when debug; tencrop: source_info only
 # DALI has no bfloat16: it outputs float32 and the loader casts
 DALI_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
 
@@ -95,16 +102,17 @@ def augment_pipeline(
     shuffle_buffer: int,
     debug: bool = False,
 ):
-    """Outputs ``images, labels`` (plus ``DEBUG_OUTPUTS`` when ``debug``) for ``plan.mode``."""
+    """Outputs ``images, labels, *WINDOW_OUTPUTS`` (plus ``DEBUG_OUTPUTS`` when ``debug``) for ``plan.mode``.
+
+    With a mean image the images still lack it (see ``MeanImage``) and are float32 (a float16 output would round
+    before the subtraction; the loader casts after it).
+    """
     jpegs, labels = _read(plan, reader_seed, shuffle_buffer)
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
-    channel_mean = np.zeros(3, dtype=np.float32)
-    if norm.mean.ndim == 3:
-        images = images - types.Constant(norm.mean.astype(np.float32), device="gpu" if gpu else "cpu")
-    else:
-        channel_mean = norm.mean.astype(np.float32)
+    pixel_mean = norm.mean.ndim == 3
+    channel_mean = np.zeros(3, np.float32) if pixel_mean else norm.mean.astype(np.float32)
     std = (norm.std if norm.std is not None else np.ones(3)).astype(np.float32).tolist()
-    common = dict(plan=plan, std=std, crop=crop, dtype=DALI_DTYPES[dtype])
+    common = dict(plan=plan, std=std, crop=crop, dtype=types.FLOAT if pixel_mean else DALI_DTYPES[dtype])
     labels = fn.reshape(labels, shape=[])
 
     if plan.mode == "tencrop":
@@ -135,8 +143,52 @@ def augment_pipeline(
     )
     out = _normalize(images, x, y, mirror, mean=types.Constant(channel_mean) - offset, **common)
     if not debug:
-        return out, labels
-    return out, labels, fn.get_property(jpegs, key="source_info"), x, y, mirror, alpha, offset
+        return (out, labels, x, y, mirror) if pixel_mean else (out, labels)
+    return out, labels, x, y, mirror, fn.get_property(jpegs, key="source_info"), alpha, offset
+
+
+class MeanImage:
+    """Subtracts the mean image from finished outputs: ``images[i] -= (mean / std)[window of i]``, in place.
+
+    The windows come from a table of the scaled mean image and its mirror image, CHW (1.5 MB at 256 px, so it
+    stays in cache); a mirrored output at corner x takes the mirror image's window at ``size - crop - x``.
+    CPU: a numpy loop over the samples, single-threaded (torch's intra-op threads competed with DALI's and lost
+    a fifth of the throughput). GPU: one gather of all windows and one subtraction (no kernel per sample).
+    """
+
+    def __init__(self, norm: Norm, plan: SplitPlan, crop: int, device: torch.device) -> None:
+        std = norm.std if norm.std is not None else np.ones(3)
+        scaled = (norm.mean / std).astype(np.float32)
+        table = np.stack([scaled, scaled[:, ::-1]]).transpose(0, 3, 1, 2)  # (mirror, C, H, W)
+        self.crop, self.far, self.tencrop = crop, plan.image_size - crop, plan.mode == "tencrop"
+        if self.tencrop:  # the ten fixed windows in output order, subtracted by broadcasting
+            corners = tencrop_offsets(plan.image_size, crop)
+            table = np.stack([self._window(table, x, y, m) for m in (0, 1) for x, y in corners])
+        self.table = np.ascontiguousarray(table)
+        if device.type != "cpu":
+            self.table = torch.from_numpy(self.table).to(device)
+            # every window as a view: (mirror, C, y, x, crop, crop)
+            self.windows = None if self.tencrop else self.table.unfold(2, crop, 1).unfold(3, crop, 1)
+
+    def _window(self, table, x: int, y: int, mirror: int):
+        x = self.far - x if mirror else x
+        return table[mirror, :, y : y + self.crop, x : x + self.crop]
+
+    def subtract(self, images: torch.Tensor, crop_x=(), crop_y=(), flip=()) -> None:
+        """``images`` (B, [10,] 3, crop, crop); the B corners and flips of their windows (none for tencrop)."""
+        if images.device.type != "cpu":
+            if self.tencrop:
+                images -= self.table
+                return
+            x, y, mirror = (torch.as_tensor(np.asarray(v), device=images.device).long() for v in (crop_x, crop_y, flip))
+            images -= self.windows[mirror, :, y, torch.where(mirror.bool(), self.far - x, x)]
+            return
+        target = images.numpy()
+        if self.tencrop:
+            target -= self.table
+            return
+        for i, (x, y, mirror) in enumerate(zip(crop_x, crop_y, flip, strict=True)):
+            target[i] -= self._window(self.table, int(x), int(y), int(mirror))
 
 
 def build_pipeline(

@@ -33,7 +33,8 @@ class DaliBackend:
 
     Each reader epoch of this rank is ``reader_batches`` runs, padded at the end. The loader's epoch takes
     the first ``plan.num_batches`` of them, trimmed to the real samples; the remaining runs (the padded tail,
-    or in training the partial batch) are run and dropped before the next epoch starts.
+    or in training the partial batch) are run and dropped before the next epoch starts. With a mean image,
+    ``MeanImage`` subtracts it from each batch at the windows the pipeline outputs.
     """
 
     def __init__(
@@ -52,6 +53,10 @@ class DaliBackend:
         self.plan, self.norm, self.gpu, self.device_id, self.debug = plan, norm, gpu, device_id, debug
         self.pipe = self._make()
         self.ran = 0
+        from pipeline.dali import MeanImage  # imported when used, as in _make
+
+        device = torch.device("cuda", device_id) if gpu else torch.device("cpu")
+        self.mean_image = MeanImage(norm, plan, spec.crop_size, device) if norm.mean.ndim == 3 else None
 
     def _make(self, checkpoint: bytes | None = None):
         # DALI is imported only when used, so data.loader=torch also runs where DALI is not installed
@@ -90,21 +95,25 @@ class DaliBackend:
             outputs = self.pipe.run()
             self.ran += 1
             real = self.plan.real_in_batch(index)
-            batch = {
-                "images": self._tensor(outputs[0], real),
-                "labels": torch.from_numpy(np.array(outputs[1].as_tensor())[:real]),
-            }
+            images = self._tensor(outputs[0], real)
+            tencrop = self.plan.mode == "tencrop"
+            needed = not tencrop and (self.mean_image is not None or self.debug)
+            window = tuple(np.array(o.as_tensor())[:real] for o in outputs[2:5]) if needed else ()
+            if self.mean_image is not None:
+                self.mean_image.subtract(images, *window)
+            batch = {"images": images, "labels": torch.from_numpy(np.array(outputs[1].as_tensor())[:real])}
             if self.debug:
-                batch.update(self._draws(outputs[2:], real))
+                batch.update(self._draws(outputs[2 if tencrop else 5 :], window, real))
             yield batch
 
     @staticmethod
-    def _draws(outputs, real: int) -> dict:
+    def _draws(outputs, window: tuple, real: int) -> dict:
         """keys (from ``path:offset:name`` source info) and, except for tencrop, crop_x, crop_y, flip, alpha, offset."""
         info = outputs[0]
         draws = {"keys": [bytes(np.array(info[i])).decode().rsplit(":", 1)[-1].split(".")[0] for i in range(real)]}
-        if len(outputs) > 1:
-            crop_x, crop_y, flip, alpha, offset = (np.array(o.as_tensor())[:real] for o in outputs[1:])
+        if window:
+            alpha, offset = (np.array(o.as_tensor())[:real] for o in outputs[1:])
+            crop_x, crop_y, flip = window
             draws.update(
                 crop_x=crop_x.astype(int),
                 crop_y=crop_y.astype(int),

@@ -153,3 +153,15 @@ def test_bad_settings_are_one_line_errors(bad: dict) -> None:
     with pytest.raises(ModelConfigError) as err:
         AlexNet(10, crop_size=64, **bad)
     assert "model." in str(err.value) and "\n" not in str(err.value)
+
+
+def test_kaiming_initialisation_has_he_std_and_zero_biases() -> None:
+    torch.manual_seed(0)
+    net = AlexNet(10, init="kaiming")
+    for name in ("conv3", "fc6"):
+        layer = getattr(net, name)
+        fan_in = layer.weight[0].numel()
+        assert float(layer.weight.std()) == pytest.approx(np.sqrt(2.0 / fan_in), rel=0.02), name
+        assert torch.all(layer.bias == 0), name
+    with pytest.raises(ModelConfigError, match="model.init"):
+        AlexNet(10, init="xavier")

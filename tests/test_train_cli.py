@@ -21,7 +21,14 @@ from train.checkpoint import REQUIRED_KEYS, load_checkpoint
 from train.model import AlexNet
 
 TEST_CROP = 64  # conftest.TEST_CROP: the 80 px digits shards with the AlexNet geometry
-SMALL = [f"data.crop_size={TEST_CROP}", "data.batch_size=16", "model.width=0.25", "trainer.progress=false"]
+SMALL = [
+    f"data.crop_size={TEST_CROP}",
+    "data.batch_size=16",
+    "model.width=0.25",
+    "model.init=kaiming",
+    "data.std=true",
+    "trainer.progress=false",
+]
 STEP_KEYS = {"kind", "epoch", "step", "lr", "loss", "train_top1_err", "images_per_sec", "data_wait"}
 EPOCH_KEYS = STEP_KEYS | {"val_top1_err", "val_top5_err", "seconds"}
 SUMMARY_KEYS = {
@@ -71,7 +78,7 @@ def reference_run(shard_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 def error_rates(model: torch.nn.Module, shard_root: Path, mode: str) -> tuple[float, float]:
     """Top-1/top-5 error of ``model`` over the whole val split, one process, counted with numpy."""
-    data = {"root": str(shard_root), "crop_size": TEST_CROP, "batch_size": 7}
+    data = {"root": str(shard_root), "crop_size": TEST_CROP, "batch_size": 7, "std": True}  # as SMALL
     wrong1 = wrong5 = total = 0
     with torch.no_grad():
         for images, labels in build_loader(data, "val", mode):

@@ -1,0 +1,246 @@
+"""Validation error of trained models, centre crop and ten-crop, one model or an ensemble (paper, section 6).
+
+    python -m train.evaluate checkpoint=PATH[,PATH...] data.root=PATH [devices=N] [out=FILE.json] [tencrop=false]
+
+Several checkpoints are an ensemble: their softmax outputs are averaged, as the paper's 5 and 7 CNNs. Each
+model's data config (crop size, mean, std) comes from its checkpoint; only ``data.root`` (and the optional
+``data.threads`` / ``data.loader``) come from the command line. With ``devices=N`` the validation split is
+shared by N worker processes (GPUs, or gloo CPU processes) through ``train.distributed.launch``; each rank
+reads a disjoint part, and correct counts, not rates, are summed with one all-reduce, so every sample counts
+exactly once. One ten-crop pass gives both numbers: its first patch is the centre crop
+(``pipeline.lighting.tencrop_offsets``).
+
+Exit status: 0 done; 2 bad input (one line: missing checkpoint or data, a model that does not fit the data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.distributed as dist
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from pipeline.loader import build_loader
+from preprocess.shard_format import write_json_atomic
+from train.checkpoint import CheckpointError, load_checkpoint
+from train.config import ConfigError
+from train.distributed import StopRun, default_backend, launch, worker_device
+from train.loop import EXIT_BAD_INPUT, USER_ERRORS, build_model
+from train.main import one_line, resolve
+from train.metrics import count_correct, ensemble_probs, errors_from_counts
+
+# per model and for the ensemble: correct counts in this order, then the number of samples
+COUNT_NAMES = ("top1", "top5", "tencrop_top1", "tencrop_top5")
+DATA_OVERRIDES = ("root", "threads", "loader")
+
+
+def split_paths(checkpoint: str | Sequence[str]) -> list[str]:
+    """``a.pt,b.pt`` (or a list) -> ``["a.pt", "b.pt"]``."""
+    items = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+    paths = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    if not paths:
+        raise ConfigError("checkpoint is empty: pass checkpoint=PATH[,PATH...] (files written by train.main)")
+    return paths
+
+
+def eval_data_config(train_data: dict[str, Any], overrides: dict[str, Any], batch_size: int) -> dict[str, Any]:
+    """The checkpoint's data config with the command line's root (threads, loader) and the evaluation batch."""
+    data = {**train_data, "batch_size": batch_size}
+    data.update({key: value for key, value in overrides.items() if key in DATA_OVERRIDES and value is not None})
+    return data
+
+
+def errors_from_count_vector(counts: Sequence[int]) -> dict[str, float]:
+    """``[top1, top5, tencrop_top1, tencrop_top5, total]`` correct counts -> the four error rates."""
+    *correct, total = (int(c) for c in counts)
+    errors = errors_from_counts(correct, total)
+    return {f"{name}_err": err for name, err in zip(COUNT_NAMES, errors, strict=True)}
+
+
+def ensemble_counts(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    """Correct counts of one batch for every model and for their average: (models + 1, 4) int64.
+
+    ``logits`` holds one (B, crops, C) tensor per model; crop 0 is the centre crop. Rows: the models in
+    order, then the ensemble (softmax averaged over models; for ten-crop over models and crops).
+    """
+    rows = [
+        torch.cat([count_correct(model[:, 0], labels), count_correct(ensemble_probs([model]), labels)])
+        for model in logits
+    ]
+    centre = ensemble_probs([model[:, 0] for model in logits])
+    rows.append(torch.cat([count_correct(centre, labels), count_correct(ensemble_probs(logits), labels)]))
+    return torch.stack(rows)
+
+
+def evaluate_worker(
+    rank: int, world_size: int, paths: list[str], data_overrides: dict[str, Any], batch_size: int, tencrop: bool
+) -> dict[str, Any]:
+    """Count correct predictions over this rank's part of the val split; rank 0 returns the all-rank totals."""
+    try:
+        return _evaluate(rank, world_size, paths, data_overrides, batch_size, tencrop)
+    except USER_ERRORS as err:
+        raise StopRun(str(err), EXIT_BAD_INPUT) from None
+
+
+def _evaluate(rank, world_size, paths, data_overrides, batch_size, tencrop) -> dict[str, Any]:
+    device = worker_device(dist.get_backend())
+    models, loaders, data_keys = [], {}, []
+    for path in paths:
+        config = load_checkpoint(path)
+        state, config = config["model"], config["config"]
+        data = eval_data_config(config["data"], data_overrides, batch_size)
+        key = json.dumps(data, sort_keys=True)  # models with the same preprocessing share one loader
+        if key not in loaders:
+            mode = "tencrop" if tencrop else "center"
+            loaders[key] = build_loader(data, "val", mode, rank=rank, world_size=world_size, device=device)
+        model = build_model({**config, "data": data}, loaders[key].num_classes)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            reason = str(err).strip().splitlines()[-1].strip()
+            raise CheckpointError(
+                f"checkpoint {path} does not fit the data in {data['root']} ({reason}): "
+                "evaluate on the dataset it was trained on"
+            ) from None
+        models.append(model.to(device).eval())
+        data_keys.append(key)
+
+    keys = list(loaders)
+    first = loaders[keys[0]]
+    counts = torch.zeros(len(models) + 1, len(COUNT_NAMES) + 1, dtype=torch.int64, device=device)
+    bar = tqdm(
+        total=first.num_samples * world_size,
+        desc="evaluate",
+        unit="img",
+        unit_scale=True,
+        dynamic_ncols=True,
+        disable=rank != 0,
+    )
+    with torch.no_grad(), bar:
+        for batches in zip(*(loaders[key] for key in keys), strict=True):
+            images = dict(zip(keys, (batch[0] for batch in batches), strict=True))
+            labels = batches[0][1]
+            if any(not torch.equal(batch[1], labels) for batch in batches[1:]):
+                raise ConfigError("the models' loaders read the val split in different orders: evaluate them apart")
+            logits = []
+            for model, key in zip(models, data_keys, strict=True):
+                x = images[key] if tencrop else images[key].unsqueeze(1)  # (B, crops, 3, H, W)
+                logits.append(model(x.flatten(0, 1)).view(*x.shape[:2], -1).float())
+            counts[:, :-1] += ensemble_counts(logits, labels)
+            counts[:, -1] += labels.shape[0]
+            bar.update(labels.shape[0] * world_size)
+    dist.all_reduce(counts)
+    return {"counts": counts.cpu().tolist(), "tencrop": tencrop}
+
+
+def report(paths: list[str], counts: list[list[int]], tencrop: bool, seconds: float) -> dict[str, Any]:
+    """The JSON result: the ensemble's (or the single model's) errors, count, and per-model errors."""
+    rows = [errors_from_count_vector(row) for row in counts]
+    if not tencrop:
+        for row in rows:
+            row["tencrop_top1_err"] = row["tencrop_top5_err"] = None
+    result = {**rows[-1], "count": counts[-1][-1], "models": len(paths), "seconds": round(seconds, 2)}
+    result["per_model"] = [{"checkpoint": path, **row} for path, row in zip(paths, rows, strict=False)]
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A small text table: one line per model, and the ensemble when there are several."""
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2%}"
+
+    lines = [f"{'model':<40} {'top-1':>8} {'top-5':>8} {'10c top-1':>10} {'10c top-5':>10}"]
+    rows = [(row["checkpoint"], row) for row in result["per_model"]]
+    if result["models"] > 1:
+        rows.append((f"ensemble of {result['models']}", result))
+    for name, row in rows:
+        name = name if len(name) <= 40 else "..." + name[-37:]
+        errors = (row[f"{kind}_err"] for kind in COUNT_NAMES)
+        lines.append(f"{name:<40} " + " ".join(f"{cell(e):>{w}}" for e, w in zip(errors, (8, 8, 10, 10))))
+    return "\n".join(lines)
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Check the inputs in this process, evaluate on ``cfg["devices"]`` ranks, print and write the result."""
+    paths = split_paths(cfg["checkpoint"])
+    for path in paths:  # fail here, before any worker starts, on a missing or damaged file
+        load_checkpoint(path)
+    devices = int(cfg["devices"])
+    if devices < 1 or int(cfg["batch_size"]) % devices:
+        raise ConfigError(f"batch_size={cfg['batch_size']} must be a positive multiple of devices={devices}")
+    backend = default_backend()
+    if backend == "nccl" and devices > torch.cuda.device_count():
+        raise ConfigError(f"devices={devices} but only {torch.cuda.device_count()} GPUs are visible: lower it")
+    started = time.perf_counter()
+    out = launch(
+        evaluate_worker,
+        devices,
+        paths,
+        dict(cfg["data"]),
+        int(cfg["batch_size"]),
+        bool(cfg["tencrop"]),
+        backend=backend,
+        timeout_s=float(cfg["timeout_s"]),
+    )
+    result = report(paths, out["counts"], out["tencrop"], time.perf_counter() - started)
+    print(format_table(result))
+    summary = f"top-1 error {result['top1_err']:.2%} centre crop"
+    if result["tencrop_top1_err"] is not None:
+        summary += f", {result['tencrop_top1_err']:.2%} ten-crop"
+    summary += f" on {result['count']} val images in {result['seconds']:.1f} s"
+    if cfg.get("out"):
+        Path(cfg["out"]).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cfg["out"], result)
+        summary += f"; {cfg['out']}"
+    print(summary, flush=True)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(resolve(cfg))
+        return
+    except USER_ERRORS as err:
+        stop = StopRun(str(err), EXIT_BAD_INPUT)
+    except StopRun as err:
+        stop = err
+    print(("error: " if stop.exit_code == EXIT_BAD_INPUT else "") + str(stop), file=sys.stderr, flush=True)
+    sys.exit(stop.exit_code)
+
+
+def quote_path_lists(argv: list[str], key: str = "checkpoint") -> list[str]:
+    """``checkpoint=a.pt,b.pt`` -> ``checkpoint='a.pt,b.pt'``: Hydra reads an unquoted comma as a sweep."""
+    prefix = f"{key}="
+    return [
+        f"{prefix}'{arg[len(prefix) :]}'"
+        if arg.startswith(prefix) and "," in arg and arg[len(prefix) :][:1] not in "'\"["
+        else arg
+        for arg in argv
+    ]
+
+
+def cli() -> None:
+    """``python -m train.evaluate``: Hydra's own errors become one line and exit 2."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    sys.argv[1:] = quote_path_lists(sys.argv[1:])
+    try:
+        main()
+    except HydraException as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":
+    cli()
