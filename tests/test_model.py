@@ -161,7 +161,7 @@ def test_kaiming_initialisation_has_he_std_and_zero_biases() -> None:
     for name in ("conv3", "fc6"):
         layer = getattr(net, name)
         fan_in = layer.weight[0].numel()
-        assert float(layer.weight.std()) == pytest.approx(np.sqrt(2.0 / fan_in), rel=0.02), name
+        assert float(layer.weight.detach().std()) == pytest.approx(np.sqrt(2.0 / fan_in), rel=0.02), name
         assert torch.all(layer.bias == 0), name
     with pytest.raises(ModelConfigError, match="model.init"):
         AlexNet(10, init="xavier")

@@ -1,4 +1,5 @@
-"""train.visualize: the figure maths against numpy, and the command on real shards and a saved checkpoint."""
+"""train.visualize and train.figure1: the figure maths against numpy and hand-computed values, and the commands
+on real shards, a saved checkpoint and a fake ReLU/tanh sweep folder."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from train.figure1 import Figure1Error, describe, epochs_to_reach, figure1
 from train.model import AlexNet
 from train.visualize import kernel_blocks, nearest, read_curves, visualize
 
@@ -111,3 +113,59 @@ def test_bad_arguments_are_one_line(tmp_path: Path, bad: str) -> None:
     command = [sys.executable, "-m", "train.visualize", "data.root=/x", f"out={tmp_path}", bad]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+
+
+# ---------------------------------------------------------------- train.figure1
+
+
+def write_job(sweep: Path, activation: str, errors: list[float]) -> None:
+    """A sweep job folder as Hydra and train.main leave it: .hydra/config.yaml and metrics.jsonl."""
+    job = sweep / f"model.activation={activation}"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "config.yaml").write_text(f"model:\n  activation: {activation}\n  width: 0.25\n")
+    lines = [{"kind": "step", "epoch": 1, "step": 3, "train_top1_err": 0.9, "loss": 2.3}]
+    lines += [
+        {"kind": "epoch", "epoch": e, "step": 5 * e, "train_top1_err": err, "loss": 1.0}
+        for e, err in enumerate(errors, start=1)
+    ]
+    (job / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_epochs_to_reach_interpolates_between_epoch_ends() -> None:
+    epochs = np.array([1.0, 2.0, 3.0, 4.0])
+    # 0.45 at epoch 2 and 0.15 at epoch 3: 0.25 is two thirds of the way -> 2.667
+    assert epochs_to_reach(epochs, np.array([0.8, 0.45, 0.15, 0.1]), 0.25) == pytest.approx(2 + 2 / 3)
+    assert epochs_to_reach(epochs, np.array([0.2, 0.1, 0.1, 0.1]), 0.25) == 1.0
+    assert epochs_to_reach(epochs, np.array([0.9, 0.8, 0.7, 0.6]), 0.25) is None
+
+
+def test_figure1_from_a_sweep(tmp_path: Path) -> None:
+    import matplotlib.image
+
+    write_job(tmp_path, "relu", [0.6, 0.25, 0.1, 0.05, 0.02, 0.01])  # reaches 25% at epoch 2
+    write_job(tmp_path, "tanh", [0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.40, 0.35, 0.30, 0.25, 0.2, 0.1])  # at 10
+    result = figure1(tmp_path)
+    assert result["relu_epochs"] == pytest.approx(2.0) and result["tanh_epochs"] == pytest.approx(10.0)
+    assert result["ratio"] == pytest.approx(5.0)
+    assert "5.0 times sooner" in describe(result)
+    image = matplotlib.image.imread(tmp_path / "figure1.png")
+    assert image.shape[0] > 200 and image.std() > 0.01
+
+
+def test_tanh_that_never_gets_there_gives_a_lower_bound(tmp_path: Path) -> None:
+    write_job(tmp_path, "relu", [0.5, 0.2])
+    write_job(tmp_path, "tanh", [0.9, 0.8, 0.7, 0.6])
+    result = figure1(tmp_path, tmp_path / "out" / "f1.png")
+    assert result["ratio"] is None and (tmp_path / "out" / "f1.png").is_file()
+    # ReLU at 1 + (0.5 - 0.25) / 0.3 = 1.833 epochs; tanh not within 4 -> more than 4 / 1.833 = 2.2 times
+    assert "more than 2.2 times sooner" in describe(result)
+
+
+def test_missing_run_is_a_one_line_error(tmp_path: Path) -> None:
+    write_job(tmp_path, "relu", [0.5, 0.2])
+    with pytest.raises(Figure1Error, match="model.activation=tanh"):
+        figure1(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "train.figure1", f"dir={tmp_path}"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "tanh" in result.stderr

@@ -8,7 +8,11 @@ model's data config (crop size, mean, std) comes from its checkpoint; only ``dat
 shared by N worker processes (GPUs, or gloo CPU processes) through ``train.distributed.launch``; each rank
 reads a disjoint part, and correct counts, not rates, are summed with one all-reduce, so every sample counts
 exactly once. One ten-crop pass gives both numbers: its first patch is the centre crop
-(``pipeline.lighting.tencrop_offsets``).
+(``pipeline.lighting.tencrop_offsets``: five patches, then the same five mirrored).
+
+The mirrored half of the ten patches is used only for models trained with mirroring (``data.flip``), unless
+``mirror=true|false`` says otherwise: a model that never saw mirrored digits (the demo) gets its error raised, not
+lowered, by averaging in predictions on mirror images. Without them "ten-crop" is the five patches.
 
 Exit status: 0 done; 2 bad input (one line: missing checkpoint or data, a model that does not fit the data).
 """
@@ -27,7 +31,7 @@ import hydra
 import torch
 import torch.distributed as dist
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 from pipeline.loader import build_loader
@@ -37,7 +41,7 @@ from train.config import ConfigError
 from train.distributed import StopRun, default_backend, launch, worker_device
 from train.loop import EXIT_BAD_INPUT, USER_ERRORS, build_model
 from train.main import one_line, resolve
-from train.metrics import count_correct, ensemble_probs, errors_from_counts
+from train.metrics import count_correct, errors_from_counts, tencrop_probs
 
 # per model and for the ensemble: correct counts in this order, then the number of samples
 COUNT_NAMES = ("top1", "top5", "tencrop_top1", "tencrop_top5")
@@ -67,34 +71,48 @@ def errors_from_count_vector(counts: Sequence[int]) -> dict[str, float]:
     return {f"{name}_err": err for name, err in zip(COUNT_NAMES, errors, strict=True)}
 
 
+def patches_used(train_data: dict[str, Any], mirror: str | bool) -> int:
+    """10 patches (the paper) for a model trained with mirroring, else the 5 unmirrored ones; ``mirror`` forces it."""
+    if mirror not in ("auto", True, False):
+        raise ConfigError(f"mirror={mirror!r} is unknown: use auto, true or false")
+    use = bool(train_data.get("flip", True)) if mirror == "auto" else mirror
+    return 10 if use else 5
+
+
 def ensemble_counts(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """Correct counts of one batch for every model and for their average: (models + 1, 4) int64.
 
-    ``logits`` holds one (B, crops, C) tensor per model; crop 0 is the centre crop. Rows: the models in
-    order, then the ensemble (softmax averaged over models; for ten-crop over models and crops).
+    ``logits`` holds one (B, crops, C) tensor per model, crop 0 the centre crop (models may use different
+    numbers of crops). Rows: the models in order, then the ensemble: softmax averaged over models (centre),
+    and over each model's crops, then over models (multi-crop).
     """
-    rows = [
-        torch.cat([count_correct(model[:, 0], labels), count_correct(ensemble_probs([model]), labels)])
-        for model in logits
-    ]
-    centre = ensemble_probs([model[:, 0] for model in logits])
-    rows.append(torch.cat([count_correct(centre, labels), count_correct(ensemble_probs(logits), labels)]))
+    centre = [tencrop_probs(model[:, :1]) for model in logits]
+    crops = [tencrop_probs(model) for model in logits]
+    rows = [torch.cat([count_correct(c, labels), count_correct(m, labels)]) for c, m in zip(centre, crops, strict=True)]
+    ensemble = [torch.stack(probs).mean(dim=0) for probs in (centre, crops)]
+    rows.append(torch.cat([count_correct(probs, labels) for probs in ensemble]))
     return torch.stack(rows)
 
 
 def evaluate_worker(
-    rank: int, world_size: int, paths: list[str], data_overrides: dict[str, Any], batch_size: int, tencrop: bool
+    rank: int,
+    world_size: int,
+    paths: list[str],
+    data_overrides: dict[str, Any],
+    batch_size: int,
+    tencrop: bool,
+    mirror: str | bool,
 ) -> dict[str, Any]:
     """Count correct predictions over this rank's part of the val split; rank 0 returns the all-rank totals."""
     try:
-        return _evaluate(rank, world_size, paths, data_overrides, batch_size, tencrop)
+        return _evaluate(rank, world_size, paths, data_overrides, batch_size, tencrop, mirror)
     except USER_ERRORS as err:
         raise StopRun(str(err), EXIT_BAD_INPUT) from None
 
 
-def _evaluate(rank, world_size, paths, data_overrides, batch_size, tencrop) -> dict[str, Any]:
+def _evaluate(rank, world_size, paths, data_overrides, batch_size, tencrop, mirror) -> dict[str, Any]:
     device = worker_device(dist.get_backend())
-    models, loaders, data_keys = [], {}, []
+    models, loaders, data_keys, patches = [], {}, [], []
     for path in paths:
         config = load_checkpoint(path)
         state, config = config["model"], config["config"]
@@ -114,6 +132,7 @@ def _evaluate(rank, world_size, paths, data_overrides, batch_size, tencrop) -> d
             ) from None
         models.append(model.to(device).eval())
         data_keys.append(key)
+        patches.append(patches_used(config["data"], mirror) if tencrop else 1)
 
     keys = list(loaders)
     first = loaders[keys[0]]
@@ -133,24 +152,27 @@ def _evaluate(rank, world_size, paths, data_overrides, batch_size, tencrop) -> d
             if any(not torch.equal(batch[1], labels) for batch in batches[1:]):
                 raise ConfigError("the models' loaders read the val split in different orders: evaluate them apart")
             logits = []
-            for model, key in zip(models, data_keys, strict=True):
-                x = images[key] if tencrop else images[key].unsqueeze(1)  # (B, crops, 3, H, W)
+            for model, key, used in zip(models, data_keys, patches, strict=True):
+                x = images[key][:, :used] if tencrop else images[key].unsqueeze(1)  # (B, crops, 3, H, W)
                 logits.append(model(x.flatten(0, 1)).view(*x.shape[:2], -1).float())
             counts[:, :-1] += ensemble_counts(logits, labels)
             counts[:, -1] += labels.shape[0]
             bar.update(labels.shape[0] * world_size)
     dist.all_reduce(counts)
-    return {"counts": counts.cpu().tolist(), "tencrop": tencrop}
+    return {"counts": counts.cpu().tolist(), "tencrop": tencrop, "patches": patches}
 
 
-def report(paths: list[str], counts: list[list[int]], tencrop: bool, seconds: float) -> dict[str, Any]:
-    """The JSON result: the ensemble's (or the single model's) errors, count, and per-model errors."""
+def report(paths: list[str], counts: list[list[int]], patches: list[int], seconds: float) -> dict[str, Any]:
+    """The JSON result: the ensemble's (or the single model's) errors, count, and per-model errors and patches."""
+    tencrop = max(patches) > 1
     rows = [errors_from_count_vector(row) for row in counts]
     if not tencrop:
         for row in rows:
             row["tencrop_top1_err"] = row["tencrop_top5_err"] = None
     result = {**rows[-1], "count": counts[-1][-1], "models": len(paths), "seconds": round(seconds, 2)}
-    result["per_model"] = [{"checkpoint": path, **row} for path, row in zip(paths, rows, strict=False)]
+    result["per_model"] = [
+        {"checkpoint": path, **row, "patches": used} for path, row, used in zip(paths, rows, patches, strict=False)
+    ]
     return result
 
 
@@ -160,14 +182,14 @@ def format_table(result: dict[str, Any]) -> str:
     def cell(value: float | None) -> str:
         return "-" if value is None else f"{value:.2%}"
 
-    lines = [f"{'model':<40} {'top-1':>8} {'top-5':>8} {'10c top-1':>10} {'10c top-5':>10}"]
-    rows = [(row["checkpoint"], row) for row in result["per_model"]]
+    lines = [f"{'model [patches]':<44} {'top-1':>8} {'top-5':>8} {'10c top-1':>10} {'10c top-5':>10}"]
+    rows = [(f"{row['checkpoint']} [{row['patches']}]", row) for row in result["per_model"]]
     if result["models"] > 1:
         rows.append((f"ensemble of {result['models']}", result))
     for name, row in rows:
-        name = name if len(name) <= 40 else "..." + name[-37:]
-        errors = (row[f"{kind}_err"] for kind in COUNT_NAMES)
-        lines.append(f"{name:<40} " + " ".join(f"{cell(e):>{w}}" for e, w in zip(errors, (8, 8, 10, 10))))
+        name = name if len(name) <= 44 else "..." + name[-41:]
+        top1, top5, tencrop1, tencrop5 = (cell(row[f"{kind}_err"]) for kind in COUNT_NAMES)
+        lines.append(f"{name:<44} {top1:>8} {top5:>8} {tencrop1:>10} {tencrop5:>10}")
     return "\n".join(lines)
 
 
@@ -190,14 +212,16 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         dict(cfg["data"]),
         int(cfg["batch_size"]),
         bool(cfg["tencrop"]),
+        cfg["mirror"],
         backend=backend,
         timeout_s=float(cfg["timeout_s"]),
     )
-    result = report(paths, out["counts"], out["tencrop"], time.perf_counter() - started)
+    result = report(paths, out["counts"], out["patches"], time.perf_counter() - started)
     print(format_table(result))
     summary = f"top-1 error {result['top1_err']:.2%} centre crop"
     if result["tencrop_top1_err"] is not None:
-        summary += f", {result['tencrop_top1_err']:.2%} ten-crop"
+        crops = "ten-crop" if max(out["patches"]) == 10 else "five-crop (no mirrored patches)"
+        summary += f", {result['tencrop_top1_err']:.2%} {crops}"
     summary += f" on {result['count']} val images in {result['seconds']:.1f} s"
     if cfg.get("out"):
         Path(cfg["out"]).parent.mkdir(parents=True, exist_ok=True)
