@@ -147,7 +147,9 @@ def test_figure1_from_a_sweep(tmp_path: Path) -> None:
     result = figure1(tmp_path)
     assert result["relu_epochs"] == pytest.approx(2.0) and result["tanh_epochs"] == pytest.approx(10.0)
     assert result["ratio"] == pytest.approx(5.0)
-    assert "5.0 times sooner" in describe(result)
+    assert "ReLU 5.0 times sooner" in describe(result)
+    swapped = {**result, "relu_epochs": 10.0, "tanh_epochs": 2.0, "ratio": 0.2}
+    assert "tanh got there 5.0 times sooner" in describe(swapped)
     image = matplotlib.image.imread(tmp_path / "figure1.png")
     assert image.shape[0] > 200 and image.std() > 0.01
 

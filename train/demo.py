@@ -57,9 +57,10 @@ def main(argv: list[str]) -> None:
 
     result = json.loads((RUN_DIR / "eval.json").read_text())
     chance = 1 - 1 / 10
+    patches = result["per_model"][0]["patches"]  # 5: no mirrored patches for a model trained without flips
     print(
         f"\ndemo done in {time.time() - started:.0f} s: validation top-1 error {result['top1_err']:.1%} centre crop, "
-        f"{result['tencrop_top1_err']:.1%} ten-crop (chance: {chance:.0%}) on {result['count']} images; "
+        f"{result['tencrop_top1_err']:.1%} with {patches} patches (chance: {chance:.0%}) on {result['count']} images; "
         f"figures in {RUN_DIR / 'figures'}"
     )
 

@@ -99,21 +99,30 @@ def figure1(sweep_dir: str | Path, out: str | Path | None = None, threshold: flo
 def describe(result: dict) -> str:
     """One line: how many times sooner ReLU reaches the threshold (or which run never reached it)."""
     threshold, relu, tanh = f"{result['threshold']:.0%}", result["relu_epochs"], result["tanh_epochs"]
+    figure = result["figure"]
     if relu is None:
-        return f"ReLU never reached {threshold} training error: train longer (trainer.max_epochs)"
+        tanh_part = "neither did tanh" if tanh is None else f"tanh did at epoch {tanh:.1f}"
+        return f"ReLU never reached {threshold} training error ({tanh_part}): raise trainer.max_epochs; {figure}"
     if tanh is None:
         bound = result["tanh_trained_epochs"] / relu
         return (
             f"ReLU reached {threshold} training error at epoch {relu:.1f}; tanh did not within "
-            f"{result['tanh_trained_epochs']:.0f} epochs: more than {bound:.1f} times sooner; {result['figure']}"
+            f"{result['tanh_trained_epochs']:.0f} epochs: more than {bound:.1f} times sooner; {figure}"
         )
+    if result["ratio"] < 1:
+        verdict = f"tanh got there {1 / result['ratio']:.1f} times sooner than ReLU"
+    else:
+        verdict = f"ReLU {result['ratio']:.1f} times sooner"
     return (
-        f"ReLU reached {threshold} training error at epoch {relu:.1f}, tanh at {tanh:.1f}: "
-        f"{result['ratio']:.1f} times sooner (paper: six times, CIFAR-10); {result['figure']}"
+        f"ReLU reached {threshold} training error at epoch {relu:.1f}, tanh at {tanh:.1f}: {verdict} "
+        f"(paper: ReLU six times sooner, CIFAR-10); {figure}"
     )
 
 
 def main(argv: list[str]) -> None:
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return
     args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
     if any("=" not in arg for arg in argv) or set(args) - {"dir", "out", "threshold"}:
         sys.exit(USAGE)
