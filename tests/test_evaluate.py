@@ -161,8 +161,9 @@ def test_two_ranks_equal_one(shard_root: Path, checkpoints: list[Path]) -> None:
         (["checkpoint={ckpt}", "data.root=/no/such/shards"], "/no/such/shards does not exist"),
         (["checkpoint={ckpt}", "batch_size=3", "devices=2"], "batch_size=3"),
         (["checkpoint={ckpt}", "bogus=1"], "bogus"),
+        (["checkpoint={ckpt}", "mirror=maybe"], "mirror='maybe' is unknown"),
     ],
-    ids=["missing-checkpoint", "missing-data", "batch", "unknown-key"],
+    ids=["missing-checkpoint", "missing-data", "batch", "unknown-key", "mirror"],
 )
 def test_bad_input_is_one_line_and_exit_2(shard_root: Path, checkpoints: list[Path], args: list, message: str) -> None:
     args = [arg.format(ckpt=checkpoints[0]) for arg in args]

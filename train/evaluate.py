@@ -46,6 +46,7 @@ from train.metrics import count_correct, errors_from_counts, tencrop_probs
 # per model and for the ensemble: correct counts in this order, then the number of samples
 COUNT_NAMES = ("top1", "top5", "tencrop_top1", "tencrop_top5")
 DATA_OVERRIDES = ("root", "threads", "loader")
+MIRROR_CHOICES = ("auto", True, False)
 
 
 def split_paths(checkpoint: str | Sequence[str]) -> list[str]:
@@ -73,8 +74,6 @@ def errors_from_count_vector(counts: Sequence[int]) -> dict[str, float]:
 
 def patches_used(train_data: dict[str, Any], mirror: str | bool) -> int:
     """10 patches (the paper) for a model trained with mirroring, else the 5 unmirrored ones; ``mirror`` forces it."""
-    if mirror not in ("auto", True, False):
-        raise ConfigError(f"mirror={mirror!r} is unknown: use auto, true or false")
     use = bool(train_data.get("flip", True)) if mirror == "auto" else mirror
     return 10 if use else 5
 
@@ -114,8 +113,8 @@ def _evaluate(rank, world_size, paths, data_overrides, batch_size, tencrop, mirr
     device = worker_device(dist.get_backend())
     models, loaders, data_keys, patches = [], {}, [], []
     for path in paths:
-        config = load_checkpoint(path)
-        state, config = config["model"], config["config"]
+        checkpoint = load_checkpoint(path)
+        state, config = checkpoint["model"], checkpoint["config"]
         data = eval_data_config(config["data"], data_overrides, batch_size)
         key = json.dumps(data, sort_keys=True)  # models with the same preprocessing share one loader
         if key not in loaders:
@@ -135,10 +134,9 @@ def _evaluate(rank, world_size, paths, data_overrides, batch_size, tencrop, mirr
         patches.append(patches_used(config["data"], mirror) if tencrop else 1)
 
     keys = list(loaders)
-    first = loaders[keys[0]]
     counts = torch.zeros(len(models) + 1, len(COUNT_NAMES) + 1, dtype=torch.int64, device=device)
     bar = tqdm(
-        total=first.num_samples * world_size,
+        total=loaders[keys[0]].num_samples * world_size,
         desc="evaluate",
         unit="img",
         unit_scale=True,
@@ -154,12 +152,12 @@ def _evaluate(rank, world_size, paths, data_overrides, batch_size, tencrop, mirr
             logits = []
             for model, key, used in zip(models, data_keys, patches, strict=True):
                 x = images[key][:, :used] if tencrop else images[key].unsqueeze(1)  # (B, crops, 3, H, W)
-                logits.append(model(x.flatten(0, 1)).view(*x.shape[:2], -1).float())
+                logits.append(model(x.flatten(0, 1).float()).view(*x.shape[:2], -1).float())
             counts[:, :-1] += ensemble_counts(logits, labels)
             counts[:, -1] += labels.shape[0]
             bar.update(labels.shape[0] * world_size)
     dist.all_reduce(counts)
-    return {"counts": counts.cpu().tolist(), "tencrop": tencrop, "patches": patches}
+    return {"counts": counts.cpu().tolist(), "patches": patches}
 
 
 def report(paths: list[str], counts: list[list[int]], patches: list[int], seconds: float) -> dict[str, Any]:
@@ -182,14 +180,14 @@ def format_table(result: dict[str, Any]) -> str:
     def cell(value: float | None) -> str:
         return "-" if value is None else f"{value:.2%}"
 
-    lines = [f"{'model [patches]':<44} {'top-1':>8} {'top-5':>8} {'10c top-1':>10} {'10c top-5':>10}"]
+    lines = [f"{'model [patches]':<44} {'top-1':>8} {'top-5':>8} {'crops top-1':>11} {'crops top-5':>11}"]
     rows = [(f"{row['checkpoint']} [{row['patches']}]", row) for row in result["per_model"]]
     if result["models"] > 1:
         rows.append((f"ensemble of {result['models']}", result))
     for name, row in rows:
         name = name if len(name) <= 44 else "..." + name[-41:]
         top1, top5, tencrop1, tencrop5 = (cell(row[f"{kind}_err"]) for kind in COUNT_NAMES)
-        lines.append(f"{name:<44} {top1:>8} {top5:>8} {tencrop1:>10} {tencrop5:>10}")
+        lines.append(f"{name:<44} {top1:>8} {top5:>8} {tencrop1:>11} {tencrop5:>11}")
     return "\n".join(lines)
 
 
@@ -198,6 +196,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     paths = split_paths(cfg["checkpoint"])
     for path in paths:  # fail here, before any worker starts, on a missing or damaged file
         load_checkpoint(path)
+    if cfg["mirror"] not in MIRROR_CHOICES:
+        raise ConfigError(f"mirror={cfg['mirror']!r} is unknown: use auto, true or false")
     devices = int(cfg["devices"])
     if devices < 1 or int(cfg["batch_size"]) % devices:
         raise ConfigError(f"batch_size={cfg['batch_size']} must be a positive multiple of devices={devices}")
