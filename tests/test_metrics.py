@@ -68,3 +68,11 @@ def test_ensemble_average_of_models_and_of_their_crops() -> None:
 def test_shape_errors_name_the_shapes() -> None:
     with pytest.raises(ValueError, match=r"\(4, 3\) and \(5,\)"):
         count_correct(torch.zeros(4, 3), torch.zeros(5, dtype=torch.int64))
+
+
+def test_patches_used_follows_training_flips_unless_forced() -> None:
+    from train.metrics import patches_used
+
+    assert patches_used({"flip": True}) == 10 and patches_used({}) == 10  # the paper's ten patches
+    assert patches_used({"flip": False}) == 5  # never saw mirror images: only the five unmirrored patches
+    assert patches_used({"flip": False}, mirror=True) == 10 and patches_used({"flip": True}, mirror=False) == 5

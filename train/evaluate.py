@@ -41,7 +41,7 @@ from train.config import ConfigError
 from train.distributed import StopRun, default_backend, launch, worker_device
 from train.loop import EXIT_BAD_INPUT, USER_ERRORS, build_model
 from train.main import one_line, resolve
-from train.metrics import count_correct, errors_from_counts, tencrop_probs
+from train.metrics import count_correct, errors_from_counts, patches_used, tencrop_probs
 
 # per model and for the ensemble: correct counts in this order, then the number of samples
 COUNT_NAMES = ("top1", "top5", "tencrop_top1", "tencrop_top5")
@@ -70,12 +70,6 @@ def errors_from_count_vector(counts: Sequence[int]) -> dict[str, float]:
     *correct, total = (int(c) for c in counts)
     errors = errors_from_counts(correct, total)
     return {f"{name}_err": err for name, err in zip(COUNT_NAMES, errors, strict=True)}
-
-
-def patches_used(train_data: dict[str, Any], mirror: str | bool) -> int:
-    """10 patches (the paper) for a model trained with mirroring, else the 5 unmirrored ones; ``mirror`` forces it."""
-    use = bool(train_data.get("flip", True)) if mirror == "auto" else mirror
-    return 10 if use else 5
 
 
 def ensemble_counts(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:

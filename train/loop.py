@@ -40,7 +40,7 @@ from train.checkpoint import (
 )
 from train.config import ConfigError, TrainerConfig, check_batch
 from train.distributed import FORWARDED_SIGNALS, StopRun, chained_signal_handlers, worker_device
-from train.metrics import count_correct, errors_from_counts, tencrop_probs
+from train.metrics import count_correct, errors_from_counts, patches_used, tencrop_probs
 from train.model import AlexNet, ModelConfigError
 from train.optim import build_optimizer
 from train.runlog import SUMMARY_FILE, RunLog
@@ -365,6 +365,7 @@ class Trainer:
             labels = labels.to(self.device, torch.int64, non_blocking=True)
             with self.autocast():
                 if tencrop:
+                    images = images[:, : patches_used(self.config["data"])]
                     batch, crops = images.shape[:2]
                     scores = tencrop_probs(self.model(self.to_device(images.flatten(0, 1))).view(batch, crops, -1))
                 else:

@@ -6,7 +6,8 @@ every validation sample, whatever the per-rank batch sizes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -41,6 +42,14 @@ def average_softmax(logits: torch.Tensor, dim: int | tuple[int, ...]) -> torch.T
     """Mean of the softmax probabilities over ``dim`` (the class axis is the last): the paper's way to combine
     crops and models."""
     return torch.softmax(logits.float(), dim=-1).mean(dim=dim)
+
+
+def patches_used(train_data: Mapping[str, Any], mirror: str | bool = "auto") -> int:
+    """How many of the ten test patches to average: all 10 (the paper) for a model trained with mirroring, else
+    the 5 unmirrored ones (a model that never saw mirror images, e.g. of digits, is hurt by them); ``mirror``
+    (true/false) forces the choice. ``pipeline`` orders the patches five unmirrored, then the same five mirrored."""
+    use = bool(train_data.get("flip", True)) if mirror == "auto" else bool(mirror)
+    return 10 if use else 5
 
 
 def tencrop_probs(logits: torch.Tensor) -> torch.Tensor:
