@@ -11,7 +11,7 @@ graph: ``MeanImage`` subtracts its window (``mean[crop, flip] / std``) from each
 crop corner and flip the graph outputs. In the graph it took two more float passes over every image
 (arithmetic on the whole decoded image, then a float crop instead of a uint8 one), which held the CPU
 pipeline at 0.46-0.57 of the JPEG decoding rate; after the batch it is one in-place pass reading a
-cache-resident table (0.62-0.65; docs/README-pipeline.md).
+cache-resident table (0.62-0.65; docs/pipeline.md).
 
 The reader gives every rank a contiguous 1/W of the samples (DALI shards by sample over the concatenated
 tars). Training reshuffles the order of the tars after every epoch with a seed shared by all ranks (so

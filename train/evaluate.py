@@ -20,7 +20,6 @@ Exit status: 0 done; 2 bad input (one line: missing checkpoint or data, a model 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +29,6 @@ from typing import Any
 import hydra
 import torch
 import torch.distributed as dist
-from hydra.errors import HydraException
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -40,7 +38,7 @@ from train.checkpoint import CheckpointError, load_checkpoint
 from train.config import ConfigError
 from train.distributed import StopRun, default_backend, launch, worker_device
 from train.loop import EXIT_BAD_INPUT, USER_ERRORS, build_model
-from train.main import one_line, resolve
+from train.main import resolve, run_cli
 from train.metrics import count_correct, errors_from_counts, patches_used, tencrop_probs
 
 # per model and for the ensemble: correct counts in this order, then the number of samples
@@ -249,16 +247,6 @@ def quote_path_lists(argv: list[str], key: str = "checkpoint") -> list[str]:
     ]
 
 
-def cli() -> None:
-    """``python -m train.evaluate``: Hydra's own errors become one line and exit 2."""
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    sys.argv[1:] = quote_path_lists(sys.argv[1:])
-    try:
-        main()
-    except HydraException as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-
-
 if __name__ == "__main__":
-    cli()
+    sys.argv[1:] = quote_path_lists(sys.argv[1:])
+    run_cli(main)

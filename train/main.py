@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import hydra
@@ -75,15 +76,15 @@ def main(cfg: DictConfig) -> float | None:
     sys.exit(stop.exit_code)
 
 
-def cli() -> None:
-    """``python -m train.main``: Hydra's own errors (unknown key, bad override) become one line and exit 2."""
+def run_cli(hydra_main: Callable[[], Any]) -> None:
+    """Run a ``@hydra.main`` function so that Hydra's own errors (unknown key, bad override) are one line, exit 2."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # makes Hydra raise them instead of printing a stack
     try:
-        main()
+        hydra_main()
     except HydraException as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":
-    cli()
+    run_cli(main)

@@ -31,14 +31,13 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.preview import collect, denormalize
 from preprocess.shard_format import DatasetError
 from train.checkpoint import load_checkpoint
 from train.loop import EXIT_BAD_INPUT, USER_ERRORS, build_model
-from train.main import one_line
+from train.main import run_cli
 from train.runlog import METRICS_FILE
 
 DATA_OVERRIDES = ("root", "threads", "loader")
@@ -278,15 +277,5 @@ def main(cfg: DictConfig) -> None:
     print(f"wrote {len(written)} figures to {cfg.out}: " + ", ".join(path.name for path in written), flush=True)
 
 
-def cli() -> None:
-    """``python -m train.visualize``: Hydra's own errors (a missing or unknown key) become one line too."""
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    try:
-        main()
-    except HydraException as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main)
