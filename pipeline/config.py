@@ -92,7 +92,7 @@ class DataSpec:
         if self.threads is not None:
             return self.threads
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        return max(1, (os.cpu_count() or 1) // max(1, local_ranks))
+        return max(1, len(os.sched_getaffinity(0)) // max(1, local_ranks))
 
 
 @dataclass(frozen=True)

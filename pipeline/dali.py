@@ -29,6 +29,7 @@ from nvidia.dali.pipeline import DataNode, Pipeline
 
 from pipeline.config import DataSpec, Norm, SplitPlan
 from pipeline.lighting import center_offset, tencrop_offsets
+from preprocess.shard_format import IMAGE_EXT, LABEL_EXT, index_path
 
 READER = "reader"
 # after images, labels with a mean image or debug; not in tencrop (its windows are fixed)
@@ -41,8 +42,8 @@ DALI_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": typ
 def _read(plan: SplitPlan, seed: int, shuffle_buffer: int) -> tuple[DataNode, DataNode]:
     return fn.readers.webdataset(
         paths=[str(p) for p in plan.paths],
-        index_paths=[str(p.with_suffix(".idx")) for p in plan.paths],
-        ext=["jpg", "lbl"],
+        index_paths=[str(index_path(p)) for p in plan.paths],
+        ext=[IMAGE_EXT, LABEL_EXT],
         dtypes=[types.UINT8, types.INT32],
         missing_component_behavior="error",
         shard_id=plan.rank,

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import DataSpec, Norm
 from pipeline.lighting import mean_patch
 from pipeline.loader import build_loader
+from preprocess.cli import run_cli
 from preprocess.shard_format import DatasetError, PixelStats
 
 
@@ -106,4 +107,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -25,7 +25,7 @@ from webdataset.tariterators import tarfile_samples
 
 from pipeline.config import DataSpec, Norm, SplitPlan, shard_range
 from pipeline.lighting import augment_numpy, center_offset, tencrop_offsets
-from preprocess.shard_format import DatasetError
+from preprocess.shard_format import IMAGE_EXT, LABEL_EXT, DatasetError
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -93,7 +93,7 @@ class ShardStream(IterableDataset):
                 if position + count > lo and position < hi:
                     for sample in tarfile_samples([{"url": str(plan.paths[tar])}]):
                         if lo <= position < hi:
-                            yield sample["__key__"], sample["jpg"], int(np.frombuffer(sample["lbl"], "<i4")[0])
+                            yield sample["__key__"], sample[IMAGE_EXT], int(np.frombuffer(sample[LABEL_EXT], "<i4")[0])
                         position += 1
                 else:
                     position += count
@@ -101,7 +101,7 @@ class ShardStream(IterableDataset):
         if not plan.train:
             return stream()
         rng = np.random.default_rng([self.seed, self.epoch, plan.rank, 2**31])
-        return shuffle_buffer(stream(), self.spec.shuffle_buffer, rng)
+        return shuffle_buffer(stream(), max(1, self.spec.shuffle_buffer), rng)  # 0 = no shuffle, as DALI's initial_fill
 
     def _tencrop(self, image: np.ndarray) -> np.ndarray:
         """(10, 3, crop, crop): the five patches, then the same five mirrored."""

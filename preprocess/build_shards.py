@@ -37,6 +37,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from preprocess.cli import run_cli
 from preprocess.layouts import Dataset, Record, scan
 from preprocess.shard_format import (
     META_FILE,
@@ -47,6 +48,7 @@ from preprocess.shard_format import (
     shard_name,
     write_json_atomic,
     write_shard,
+    write_text_atomic,
 )
 from preprocess.stats import PixelAccumulator
 from preprocess.transcode import DEFAULT_MAX_PIXELS, UnusableImage, decode_jpeg, transcode
@@ -255,9 +257,7 @@ def merge_parts(out: Path, dataset: Dataset, tasks: Sequence[ShardTask], setting
         if stats.images == 0:
             raise DatasetError(f"no training image could be used (see {out / REJECTED_FILE})")
         stats.finalize().save(out)
-    tmp = out / f".{REJECTED_FILE}.tmp-{os.getpid()}"
-    tmp.write_text("".join(json.dumps(entry) + "\n" for entry in rejected))
-    os.replace(tmp, out / REJECTED_FILE)
+    write_text_atomic(out / REJECTED_FILE, "".join(json.dumps(entry) + "\n" for entry in rejected))
     meta = {
         "classes": [{"index": i, "wnid": wnid, "name": name} for i, (wnid, name) in enumerate(dataset.classes)],
         "splits": splits,
@@ -358,4 +358,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

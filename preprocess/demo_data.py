@@ -67,12 +67,15 @@ def write_digits_tree(
 
 
 def main(argv: list[str]) -> None:
-    args = dict(arg.split("=", 1) for arg in argv)
-    if "out" not in args or set(args) - {"out", "seed", "limit"}:
-        sys.exit("usage: python -m preprocess.demo_data out=DIR [seed=0] [limit=N]")
-    counts = write_digits_tree(
-        args["out"], seed=int(args.get("seed", 0)), limit=int(args["limit"]) if "limit" in args else None
-    )
+    usage = "usage: python -m preprocess.demo_data out=DIR [seed=0] [limit=N]"
+    args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
+    if any("=" not in arg for arg in argv) or "out" not in args or set(args) - {"out", "seed", "limit"}:
+        sys.exit(usage)
+    try:
+        seed, limit = int(args.get("seed", 0)), int(args["limit"]) if "limit" in args else None
+    except ValueError:
+        sys.exit(usage)
+    counts = write_digits_tree(args["out"], seed=seed, limit=limit)
     print(f"wrote {counts['train']} train and {counts['val']} val digit images to {args['out']}")
 
 

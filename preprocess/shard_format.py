@@ -107,12 +107,17 @@ def write_shard(path: str | Path, samples: Iterable[Sample]) -> int:
     return len(lines)
 
 
-def write_json_atomic(path: str | Path, payload: object) -> None:
-    """Write JSON under a temporary name, then rename: readers never see half a file."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write text under a temporary name, then rename: readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str | Path, payload: object) -> None:
+    """Write JSON under a temporary name, then rename: readers never see half a file."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
 
 
 def read_meta(root: str | Path) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from preprocess.cli import run_cli
 from preprocess.shard_format import (
     CLASS_EXT,
     IMAGE_EXT,
@@ -166,4 +167,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

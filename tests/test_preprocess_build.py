@@ -261,13 +261,20 @@ def test_out_folder_of_another_dataset_is_refused(shard_root, digits_src, tmp_pa
 
 
 def test_cli_prints_one_line_errors_and_help(tmp_path):
-    result = run_cli("preprocess.build_shards", f"src={tmp_path / 'nowhere'}", f"out={tmp_path / 'out'}")
+    cwd = tmp_path / "cwd"  # the user's folder: the command must leave nothing in it (no outputs/, no logs)
+    cwd.mkdir()
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "preprocess.build_shards", *args]
+        return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+    result = cli(f"src={tmp_path / 'nowhere'}", f"out={tmp_path / 'out'}")
     assert result.returncode == 2
     assert result.stderr.startswith("error: src ") and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
-    result = run_cli("preprocess.build_shards", "--help")
+    result = cli("--help")
     assert result.returncode == 0 and "image_size: 256" in result.stdout and "shard_size" in result.stdout
-    assert not list(REPO.glob("outputs")) and not list(REPO.glob("*.log"))
+    assert not list(cwd.iterdir())
 
 
 def rewrite_shard(root: Path, split: str, samples: list[Sample], *, update_meta: bool) -> None:

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from preprocess.cli import one_line
 from train.checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint, save_checkpoint
 from train.distributed import StopRun, launch
-from train.main import one_line
 from train.runlog import format_epoch_line, truncate_after
 
 # ---- workers for launch() (module level: spawned children import them by name) ----------------------------
@@ -129,3 +129,14 @@ def test_one_line_joins_message_and_cause() -> None:
         assert one_line(err) == (
             "Could not override 'trainer.foo'. To append use +trainer.foo=1 (Key 'foo' is not in struct)"
         )
+
+
+def test_resume_drops_metrics_lines_past_the_checkpoint_and_a_torn_last_line(tmp_path) -> None:
+    from train.runlog import truncate_after
+
+    path = tmp_path / "metrics.jsonl"
+    kept = [json.dumps({"kind": "step", "step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    later = json.dumps({"kind": "step", "step": 4, "loss": 0.25})
+    path.write_text("\n".join([*kept, later]) + '\n{"kind": "step", "st')  # killed while writing step 5
+    truncate_after(path, 3)
+    assert path.read_text().splitlines() == kept

@@ -33,12 +33,13 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from pipeline.loader import build_loader
+from preprocess.cli import run_cli
 from preprocess.shard_format import write_json_atomic
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.config import ConfigError
 from train.distributed import StopRun, default_backend, launch, worker_device
 from train.loop import EXIT_BAD_INPUT, USER_ERRORS, build_model
-from train.main import resolve, run_cli
+from train.main import resolve
 from train.metrics import count_correct, errors_from_counts, patches_used, tencrop_probs
 
 # per model and for the ensemble: correct counts in this order, then the number of samples

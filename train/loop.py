@@ -135,9 +135,9 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
         seed_everything(tc.seed)  # the same initial weights on every rank
-        loader_args = dict(rank=rank, world_size=world_size, seed=tc.seed, device=self.device)
-        self.train_loader = build_loader(config["data"], "train", "train", **loader_args)
-        self.val_loader = build_loader(config["data"], "val", "center", **loader_args)
+        self.loader_args = dict(rank=rank, world_size=world_size, seed=tc.seed, device=self.device)
+        self.train_loader = build_loader(config["data"], "train", "train", **self.loader_args)
+        self.val_loader = build_loader(config["data"], "val", "center", **self.loader_args)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch < 1:
             raise ConfigError(
@@ -270,15 +270,7 @@ class Trainer:
         last = self.history[-1]
         tencrop = [None, None]
         if self.tc.tencrop:
-            loader = build_loader(
-                self.config["data"],
-                "val",
-                "tencrop",
-                rank=self.rank,
-                world_size=self.world_size,
-                seed=self.tc.seed,
-                device=self.device,
-            )
+            loader = build_loader(self.config["data"], "val", "tencrop", **self.loader_args)
             tencrop = self.evaluate(loader, tencrop=True)
         summary = {
             "val_top1_err": last["val_top1_err"],
@@ -305,7 +297,11 @@ class Trainer:
         return Window(torch.zeros(3, dtype=torch.float64, device=self.device))
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """Images on the device (channels_last when set); a float16/bfloat16 ``data.dtype`` is widened to the fp32
+        weights' dtype unless bf16 autocast is on, which casts the inputs itself."""
         images = images.to(self.device, non_blocking=True)
+        if not self.tc.bf16:
+            images = images.float()
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def autocast(self) -> torch.autocast:

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from preprocess.cli import one_line, run_cli
 from train.config import TrainerConfig, check_batch, check_devices
 from train.distributed import StopRun, is_torchrun, launch
 from train.loop import EXIT_BAD_INPUT, USER_ERRORS, train_worker
@@ -44,15 +43,6 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
         ) from None
     except OmegaConfBaseException as err:
         raise StopRun(f"config: {one_line(err)}", EXIT_BAD_INPUT) from None
-
-
-def one_line(err: BaseException) -> str:
-    """An exception and its cause as one line (Hydra's and OmegaConf's messages span several)."""
-    text = " ".join(str(err).split(" Config search path:")[0].split())
-    cause = err.__cause__
-    if cause is not None and str(cause):
-        text += f" ({str(cause).strip().splitlines()[0]})"
-    return text
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -74,16 +64,6 @@ def main(cfg: DictConfig) -> float | None:
     if int(os.environ.get("RANK", "0")) == 0:
         print(("error: " if stop.exit_code == EXIT_BAD_INPUT else "") + str(stop), file=sys.stderr, flush=True)
     sys.exit(stop.exit_code)
-
-
-def run_cli(hydra_main: Callable[[], Any]) -> None:
-    """Run a ``@hydra.main`` function so that Hydra's own errors (unknown key, bad override) are one line, exit 2."""
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # makes Hydra raise them instead of printing a stack
-    try:
-        hydra_main()
-    except HydraException as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

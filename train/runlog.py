@@ -14,11 +14,12 @@ from metrics.jsonl and TensorBoard is told to purge them, so both read as one un
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from preprocess.shard_format import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -36,14 +37,22 @@ def format_epoch_line(record: dict[str, Any], max_epochs: int) -> str:
     )
 
 
+def _logged_step(line: str) -> int | None:
+    """The ``step`` of a metrics line, or None for a line torn by a kill in the middle of writing it."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def truncate_after(path: Path, step: int) -> None:
-    """Drop the lines of ``path`` whose ``step`` is past ``step`` (rewritten under a temporary name)."""
+    """Drop the lines of ``path`` whose ``step`` is past ``step``, and torn ones (rewritten atomically)."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    lines = [
+        line for line in path.read_text().splitlines() if (logged := _logged_step(line)) is not None and logged <= step
+    ]
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 class RunLog:

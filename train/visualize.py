@@ -33,14 +33,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config import DataSpec
 from pipeline.preview import collect, denormalize
-from preprocess.shard_format import DatasetError
+from preprocess.cli import run_cli
+from preprocess.shard_format import DatasetError, read_meta
 from train.checkpoint import load_checkpoint
+from train.evaluate import eval_data_config
 from train.loop import EXIT_BAD_INPUT, USER_ERRORS, build_model
-from train.main import run_cli
 from train.runlog import METRICS_FILE
 
-DATA_OVERRIDES = ("root", "threads", "loader")
 KERNELS_PER_ROW = 16
 TRUE_COLOUR, OTHER_COLOUR = "tab:red", "tab:blue"
 
@@ -218,13 +219,12 @@ def visualize(cfg: Mapping[str, Any]) -> list[Path]:
     checkpoint_path = Path(cfg["checkpoint"])
     checkpoint = load_checkpoint(checkpoint_path)
     config = checkpoint["config"]
-    overrides = {key: value for key, value in dict(cfg["data"]).items() if key in DATA_OVERRIDES and value is not None}
-    data = {**config["data"], **overrides}
+    data = eval_data_config(config["data"], dict(cfg["data"]), int(cfg["batch_size"]))
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
 
     val = collect(data, "val", "center", int(cfg["predictions"]), int(cfg["seed"]))
-    meta_names = class_names(json.loads((Path(data["root"]) / "meta.json").read_text()))
+    meta_names = class_names(read_meta(DataSpec.from_cfg(data).root))
     model = build_model({**config, "data": data}, len(meta_names))
     try:
         model.load_state_dict(checkpoint["model"])
