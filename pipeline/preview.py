@@ -70,10 +70,18 @@ def save_grid(path: Path, batch: dict[str, np.ndarray]) -> None:
         ax.imshow(view)
         ax.set_title(f"{label}: {name}"[:24], fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=80)
+    save_figure(fig, path, dpi=80)
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> Path:
+    """Write a matplotlib figure under a temporary name, rename it when complete, and close it."""
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, path)
+    return path
 
 
 def save_npz(path: Path, batch: dict[str, np.ndarray]) -> None:

@@ -102,27 +102,35 @@ def evaluate_worker(
         raise StopRun(str(err), EXIT_BAD_INPUT) from None
 
 
+def trained_model(
+    path: str | Path, checkpoint: dict[str, Any], data: dict[str, Any], num_classes: int
+) -> torch.nn.Module:
+    """The checkpoint's network with its weights, in eval mode, for the data config ``data``."""
+    model = build_model({**checkpoint["config"], "data": data}, num_classes)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as err:
+        reason = str(err).strip().splitlines()[-1].strip()
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the data in {data['root']} ({reason}): "
+            "evaluate on the dataset it was trained on"
+        ) from None
+    return model.eval()
+
+
 def _evaluate(rank, world_size, paths, data_overrides, batch_size, tencrop, mirror) -> dict[str, Any]:
     device = worker_device(dist.get_backend())
     models, loaders, data_keys, patches = [], {}, [], []
     for path in paths:
         checkpoint = load_checkpoint(path)
-        state, config = checkpoint["model"], checkpoint["config"]
+        config = checkpoint["config"]
         data = eval_data_config(config["data"], data_overrides, batch_size)
         key = json.dumps(data, sort_keys=True)  # models with the same preprocessing share one loader
         if key not in loaders:
             mode = "tencrop" if tencrop else "center"
             loaders[key] = build_loader(data, "val", mode, rank=rank, world_size=world_size, device=device)
-        model = build_model({**config, "data": data}, loaders[key].num_classes)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            reason = str(err).strip().splitlines()[-1].strip()
-            raise CheckpointError(
-                f"checkpoint {path} does not fit the data in {data['root']} ({reason}): "
-                "evaluate on the dataset it was trained on"
-            ) from None
-        models.append(model.to(device).eval())
+        model = trained_model(path, checkpoint, data, loaders[key].num_classes)
+        models.append(model.to(device))
         data_keys.append(key)
         patches.append(patches_used(config["data"], mirror) if tencrop else 1)
 

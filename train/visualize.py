@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -34,12 +33,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import DataSpec
-from pipeline.preview import collect, denormalize
+from pipeline.preview import collect, denormalize, save_figure
 from preprocess.cli import run_cli
 from preprocess.shard_format import DatasetError, read_meta
 from train.checkpoint import load_checkpoint
-from train.evaluate import eval_data_config
-from train.loop import EXIT_BAD_INPUT, USER_ERRORS, build_model
+from train.evaluate import eval_data_config, trained_model
+from train.loop import EXIT_BAD_INPUT, USER_ERRORS
 from train.runlog import METRICS_FILE
 
 KERNELS_PER_ROW = 16
@@ -108,15 +107,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Write a matplotlib figure atomically and close it."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    _pyplot().close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 def plot_kernels(weight: np.ndarray, columns: int, path: Path) -> Path:
@@ -225,13 +215,7 @@ def visualize(cfg: Mapping[str, Any]) -> list[Path]:
 
     val = collect(data, "val", "center", int(cfg["predictions"]), int(cfg["seed"]))
     meta_names = class_names(read_meta(DataSpec.from_cfg(data).root))
-    model = build_model({**config, "data": data}, len(meta_names))
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as err:
-        reason = str(err).strip().splitlines()[-1].strip()
-        raise DatasetError(f"checkpoint {checkpoint_path} does not fit the data in {data['root']} ({reason})") from None
-    model.eval()
+    model = trained_model(checkpoint_path, checkpoint, data, len(meta_names))
     batch = int(cfg["batch_size"])
 
     written = [plot_kernels(model.conv1.weight.detach().numpy(), model.columns, out / "figure3_kernels.png")]
