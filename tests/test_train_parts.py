@@ -24,6 +24,11 @@ def sum_of_ranks(rank: int, world_size: int, offset: int) -> tuple[int, float]:
     return world_size, value.item()
 
 
+def large_result(rank: int, world_size: int, size: int) -> bytes:
+    dist.barrier()
+    return bytes(range(256)) * (size // 256)
+
+
 def rank_one_dies(rank: int, world_size: int) -> None:
     if rank == 1:
         os._exit(7)  # dies without a word, as an OOM-killed process would
@@ -41,6 +46,11 @@ def test_launch_returns_rank0_result_of_a_real_all_reduce() -> None:
     assert launch(sum_of_ranks, 2, 10, timeout_s=60) == (2, 10.0 + 11.0)
     assert launch(sum_of_ranks, 1, 10, timeout_s=60) == (1, 10.0)
     assert "RANK" not in os.environ  # the in-process run leaves no torchrun variables behind for the next job
+
+
+def test_a_result_larger_than_a_pipe_buffer_comes_back() -> None:
+    # a spawned rank's result travels through a pipe (64 KiB buffer): it must be read while the rank runs
+    assert launch(large_result, 2, 4 << 20, timeout_s=60) == bytes(range(256)) * (16 << 10)
 
 
 def test_a_dead_worker_stops_the_others_in_bounded_time() -> None:

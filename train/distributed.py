@@ -201,15 +201,12 @@ def _spawn(worker, world_size, args, backend, timeout_s, grace_s, port) -> Any:
         with _forwarding_signals(processes):
             for process in processes:
                 process.start()
-            _watch(processes, grace_s)
+            reports = _watch(processes, results, grace_s)
     finally:
         for process in processes:  # only reached alive on an exception in the parent itself
             if process.exitcode is None and process.pid is not None:
                 process.kill()
                 process.join()
-    reports = []
-    while not results.empty():
-        reports.append(results.get())
     stops = sorted((r for r in reports if r[0] == "stop"), key=lambda r: r[1])
     if stops:
         _, rank, message, code = stops[0]
@@ -224,10 +221,19 @@ def _exit_reason(code: int) -> str:
     return f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
 
 
-def _watch(processes: list, grace_s: float, poll_s: float = 0.2) -> None:
-    """Wait for every child; once one has failed, kill those still running ``grace_s`` seconds later."""
+def _watch(processes: list, results, grace_s: float, poll_s: float = 0.2) -> list[tuple]:
+    """Wait for every child, collecting their reports; once one has failed, kill those still running
+    ``grace_s`` seconds later. Reports are read while the children run: a result larger than the pipe's
+    buffer (64 KiB) blocks its sender until it is read."""
+    reports: list[tuple] = []
+
+    def drain() -> None:
+        while not results.empty():
+            reports.append(results.get())
+
     failed_at = None
     while any(p.exitcode is None for p in processes):
+        drain()
         time.sleep(poll_s)
         if failed_at is None and any(p.exitcode not in (None, 0) for p in processes):
             failed_at = time.monotonic()
@@ -237,3 +243,5 @@ def _watch(processes: list, grace_s: float, poll_s: float = 0.2) -> None:
                     process.kill()
     for process in processes:
         process.join()
+    drain()
+    return reports
