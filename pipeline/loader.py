@@ -194,6 +194,11 @@ class Loader:
 
 
 def _use_gpu(spec: DataSpec, device: torch.device) -> bool:
+    if spec.device == "gpu" and spec.loader != "dali":
+        raise DatasetError(
+            f"data.device=gpu asks for GPU augmentation, which only data.loader=dali does "
+            f"(data.loader={spec.loader} augments on the CPU): use data.loader=dali or data.device=auto"
+        )
     if spec.device == "gpu" and device.type != "cuda":
         raise DatasetError(
             f"data.device=gpu needs the trainer on a CUDA device, it is on {device}: use data.device=auto|cpu"

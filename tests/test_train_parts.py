@@ -55,8 +55,9 @@ def test_a_result_larger_than_a_pipe_buffer_comes_back() -> None:
 
 def test_a_dead_worker_stops_the_others_in_bounded_time() -> None:
     started = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"rank 1 exited with status 7"):
+    with pytest.raises(StopRun, match=r"rank 1 exited with status 7") as caught:
         launch(rank_one_dies, 2, grace_s=2.0, timeout_s=60)
+    assert caught.value.exit_code == 1
     assert time.monotonic() - started < 20  # rank 0 would have slept 120 s
 
 

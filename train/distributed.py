@@ -16,7 +16,9 @@ forwarded as SIGTERM (a second Ctrl-C kills them); when one child fails, the oth
 dead worker never leaves the rest hanging. Process groups are created with a ``timeout_s`` collective timeout.
 
 A worker ends a run with a one-line message and an exit status by raising ``StopRun``: the launcher carries it
-from whichever rank raised it (rank 0's first) to the parent and re-raises it there, without a traceback.
+from whichever rank raised it (rank 0's first) to the parent and re-raises it there, without a traceback. A
+rank that dies otherwise (an exception, a signal, ``os._exit``) becomes ``StopRun("worker rank R ...", 1)`` in
+the parent: the rank's own traceback is the only one printed.
 
 Helpers for code that runs inside a worker: ``worker_device(backend)`` (the rank's torch device),
 ``is_torchrun()``, ``local_world_size()``.
@@ -213,7 +215,7 @@ def _spawn(worker, world_size, args, backend, timeout_s, grace_s, port) -> Any:
         raise StopRun(message, code)
     failed = [f"rank {rank} {_exit_reason(p.exitcode)}" for rank, p in enumerate(processes) if p.exitcode != 0]
     if failed:
-        raise RuntimeError(f"worker {', '.join(failed)}; the others were stopped (see the output above)")
+        raise StopRun(f"worker {', '.join(failed)}; the others were stopped (its traceback, if any, is above)", 1)
     return next(r[2] for r in reports if r[0] == "ok" and r[1] == 0)
 
 
