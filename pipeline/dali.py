@@ -1,17 +1,16 @@
 """The DALI pipelines: train (random crop, flip, PCA lighting, mean), centre crop and ten-crop.
 
-One graph for both devices: ``device="gpu"`` decodes with nvJPEG (``"mixed"``) and augments on the GPU,
-``device="cpu"`` runs every operator on the CPU (``device_id=None``). The random draws (crop corner, flip,
-alpha) are argument inputs and so always live on the CPU; they are identical for both devices.
-
 Every training output is ``(x[crop, flip] + M @ alpha - mean[crop, flip]) / std`` with ``x`` the stored
-0-255 image (see ``pipeline.lighting``). Lighting and the channel mean are folded into
-``crop_mirror_normalize``'s per-sample ``mean`` (``(x + o) - m = x - (m - o)``). A mean image is not in the
-graph: ``MeanImage`` subtracts its window (``mean[crop, flip] / std``) from each finished output, at the
-crop corner and flip the graph outputs. In the graph it took two more float passes over every image
-(arithmetic on the whole decoded image, then a float crop instead of a uint8 one), which held the CPU
-pipeline at 0.46-0.57 of the JPEG decoding rate; after the batch it is one in-place pass reading a
-cache-resident table (0.62-0.65; docs/pipeline.md).
+0-255 image (see ``pipeline.lighting``). The graph reads, decodes and draws the random parameters (crop
+corner, flip, lighting offset ``M @ alpha``) on both devices, with DALI's seeded, checkpointed operators;
+the draws are argument inputs, so they live on the CPU and are the same on both. The arithmetic on pixels
+depends on the device (``normalize``):
+
+- GPU (nvJPEG decoding, ``device="mixed"``): ``crop_mirror_normalize`` in the graph, with lighting and a
+  channel mean folded into its per-sample mean (``(x + o) - m = x - (m - o)``); a mean image is subtracted
+  after the batch by ``MeanImage``, one gather and one subtraction.
+- CPU (``device_id=None``): the graph ends at the decoded uint8 images and ``pipeline.crops`` does all of it
+  in one compiled pass; DALI's CPU ``crop_mirror_normalize`` plus a mean-image pass cost more than decoding.
 
 The reader gives every rank a contiguous 1/W of the samples (DALI shards by sample over the concatenated
 tars). Training reshuffles the order of the tars after every epoch with a seed shared by all ranks (so
@@ -32,9 +31,8 @@ from pipeline.lighting import center_offset, tencrop_offsets
 from preprocess.shard_format import IMAGE_EXT, LABEL_EXT, index_path
 
 READER = "reader"
-# after images, labels with a mean image or debug; not in tencrop (its windows are fixed)
-WINDOW_OUTPUTS = ("crop_x", "crop_y", "flip")
-DEBUG_OUTPUTS = ("source_info", "alpha", "offset")  # last, when debug; tencrop: source_info only
+DRAW_OUTPUTS = ("crop_x", "crop_y", "flip", "offset")  # after images, labels; not in tencrop (fixed windows)
+DEBUG_OUTPUTS = ("source_info", "alpha")  # last, when debug; tencrop: source_info only
 # DALI has no bfloat16: it outputs float32 and the loader casts
 DALI_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
 
@@ -99,31 +97,35 @@ def augment_pipeline(
     sigma: float,
     dtype: str,
     gpu: bool,
+    normalize: bool,
     reader_seed: int,
     shuffle_buffer: int,
     debug: bool = False,
 ):
-    """Outputs ``images, labels, *WINDOW_OUTPUTS`` (plus ``DEBUG_OUTPUTS`` when ``debug``) for ``plan.mode``.
+    """Outputs ``images, labels``, then ``DRAW_OUTPUTS`` (not in tencrop), then ``DEBUG_OUTPUTS`` when ``debug``.
 
-    With a mean image the images still lack it (see ``MeanImage``) and are float32 (a float16 output would round
-    before the subtraction; the loader casts after it).
+    ``normalize`` (the GPU path): images are ``crop_mirror_normalize``'s CHW outputs, a mean image still to be
+    subtracted by ``MeanImage`` (float32 then: a float16 output would round before the subtraction; the loader
+    casts after it). Otherwise (the CPU path) images are the decoded uint8 HWC images, for ``pipeline.crops``.
     """
     jpegs, labels = _read(plan, reader_seed, shuffle_buffer)
     images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    labels = fn.reshape(labels, shape=[])
+    info = [fn.get_property(jpegs, key="source_info")] if debug else []
     pixel_mean = norm.mean.ndim == 3
     channel_mean = np.zeros(3, np.float32) if pixel_mean else norm.mean.astype(np.float32)
     std = (norm.std if norm.std is not None else np.ones(3)).astype(np.float32).tolist()
     common = dict(plan=plan, std=std, crop=crop, dtype=types.FLOAT if pixel_mean else DALI_DTYPES[dtype])
-    labels = fn.reshape(labels, shape=[])
 
     if plan.mode == "tencrop":
-        patches = [
-            _normalize(images, float(x), float(y), mirror, mean=channel_mean.tolist(), **common)
-            for mirror in (0, 1)
-            for x, y in tencrop_offsets(plan.image_size, crop)
-        ]
-        stacked = fn.stack(*patches, axis=0, axis_name="F")
-        return (stacked, labels, fn.get_property(jpegs, key="source_info")) if debug else (stacked, labels)
+        if normalize:
+            patches = [
+                _normalize(images, float(x), float(y), mirror, mean=channel_mean.tolist(), **common)
+                for mirror in (0, 1)
+                for x, y in tencrop_offsets(plan.image_size, crop)
+            ]
+            images = fn.stack(*patches, axis=0, axis_name="F")
+        return (images, labels, *info)
 
     # Switched-off draws are degenerate distributions, so every output exists in every mode.
     augment = plan.train
@@ -137,59 +139,46 @@ def augment_pipeline(
     lighting = augment and norm.lighting is not None
     alpha = fn.random.normal(shape=[1, 3], stddev=sigma if lighting else 0.0)  # one 3-D point
     matrix = (norm.lighting if lighting else np.zeros((3, 3))).astype(np.float32)
-    # the per-sample mean argument, channel_mean - matrix @ alpha, in one operator (per-operator costs
-    # dominate on 3 numbers: the same sum written as DALI arithmetic took 6 operators and ~15% of the CPU time)
-    mean = fn.coord_transform(alpha, M=(-matrix).ravel().tolist(), T=channel_mean.tolist())
-    out = _normalize(images, x, y, mirror, mean=fn.reshape(mean, shape=[3]), **common)
-    if not debug:
-        return (out, labels, x, y, mirror) if pixel_mean else (out, labels)
-    offset = fn.coord_transform(alpha, M=matrix.ravel().tolist())
-    info = fn.get_property(jpegs, key="source_info")
-    return out, labels, x, y, mirror, info, fn.reshape(alpha, shape=[3]), fn.reshape(offset, shape=[3])
+    # M @ alpha in one operator (the same sum as DALI arithmetic took six, each with a per-sample cost)
+    offset = fn.reshape(fn.coord_transform(alpha, M=matrix.ravel().tolist()), shape=[3])
+    if normalize:  # (x + o) - m = x - (m - o): lighting rides in the per-sample mean
+        images = _normalize(images, x, y, mirror, mean=types.Constant(channel_mean) - offset, **common)
+    extra = [fn.reshape(alpha, shape=[3])] if debug else []
+    return (images, labels, x, y, mirror, offset, *info, *extra)
 
 
 class MeanImage:
-    """Subtracts the mean image from finished outputs: ``images[i] -= (mean / std)[window of i]``, in place.
+    """Subtracts the mean image from ``crop_mirror_normalize``'s outputs: ``images[i] -= (mean / std)[window of i]``.
 
-    The windows come from a table of the scaled mean image and its mirror image, CHW (1.5 MB at 256 px, so it
-    stays in cache); a mirrored output at corner x takes the mirror image's window at ``size - crop - x``.
-    CPU: a numpy loop over the samples, single-threaded (torch's intra-op threads competed with DALI's and lost
-    a fifth of the throughput). GPU: one gather of all windows and one subtraction (no kernel per sample).
+    In place, as one gather of every window and one subtraction (no kernel per sample on a GPU). The windows
+    are views of a table of the scaled mean image and its mirror image, CHW; a mirrored output at corner x
+    takes the mirror image's window at ``size - crop - x``.
     """
 
     def __init__(self, norm: Norm, plan: SplitPlan, crop: int, device: torch.device) -> None:
         std = norm.std if norm.std is not None else np.ones(3)
         scaled = (norm.mean / std).astype(np.float32)
-        table = np.stack([scaled, scaled[:, ::-1]]).transpose(0, 3, 1, 2)  # (mirror, C, H, W)
-        self.crop, self.far, self.tencrop = crop, plan.image_size - crop, plan.mode == "tencrop"
-        if self.tencrop:  # the ten fixed windows in output order, subtracted by broadcasting
+        table = torch.from_numpy(np.stack([scaled, scaled[:, ::-1]]).transpose(0, 3, 1, 2).copy()).to(device)
+        self.crop, self.far = crop, plan.image_size - crop
+        self.windows = None  # tencrop: ``table`` holds its ten fixed windows, subtracted by broadcasting
+        if plan.mode == "tencrop":
             corners = tencrop_offsets(plan.image_size, crop)
-            table = np.stack([self._window(table, x, y, m) for m in (0, 1) for x, y in corners])
-        self.table = np.ascontiguousarray(table)
-        if device.type != "cpu":
-            self.table = torch.from_numpy(self.table).to(device)
-            # every window as a view: (mirror, C, y, x, crop, crop)
-            self.windows = None if self.tencrop else self.table.unfold(2, crop, 1).unfold(3, crop, 1)
+            self.table = torch.stack([self._window(table, x, y, m) for m in (0, 1) for x, y in corners])
+        else:  # every window as a view: (mirror, C, y, x, crop, crop)
+            self.table = table
+            self.windows = table.unfold(2, crop, 1).unfold(3, crop, 1)
 
-    def _window(self, table, x: int, y: int, mirror: int):
+    def _window(self, table: torch.Tensor, x: int, y: int, mirror: int) -> torch.Tensor:
         x = self.far - x if mirror else x
         return table[mirror, :, y : y + self.crop, x : x + self.crop]
 
     def subtract(self, images: torch.Tensor, crop_x=(), crop_y=(), flip=()) -> None:
         """``images`` (B, [10,] 3, crop, crop); the B corners and flips of their windows (none for tencrop)."""
-        if images.device.type != "cpu":
-            if self.tencrop:
-                images -= self.table
-                return
-            x, y, mirror = (torch.as_tensor(np.asarray(v), device=images.device).long() for v in (crop_x, crop_y, flip))
-            images -= self.windows[mirror, :, y, torch.where(mirror.bool(), self.far - x, x)]
+        if self.windows is None:
+            images -= self.table
             return
-        target = images.numpy()
-        if self.tencrop:
-            target -= self.table
-            return
-        for i, (x, y, mirror) in enumerate(zip(crop_x, crop_y, flip, strict=True)):
-            target[i] -= self._window(self.table, int(x), int(y), int(mirror))
+        x, y, mirror = (torch.as_tensor(np.asarray(v), device=images.device).long() for v in (crop_x, crop_y, flip))
+        images -= self.windows[mirror, :, y, torch.where(mirror.bool(), self.far - x, x)]
 
 
 def build_pipeline(
@@ -199,6 +188,7 @@ def build_pipeline(
     *,
     seed: int,
     gpu: bool,
+    normalize: bool,
     device_id: int | None,
     threads: int,
     checkpoint: bytes | None = None,
@@ -217,6 +207,7 @@ def build_pipeline(
         sigma=spec.lighting_sigma,
         dtype=spec.dtype,
         gpu=gpu,
+        normalize=normalize,
         reader_seed=seed,
         shuffle_buffer=spec.shuffle_buffer,
         debug=debug,

@@ -33,8 +33,10 @@ class DaliBackend:
 
     Each reader epoch of this rank is ``reader_batches`` runs, padded at the end. The loader's epoch takes
     the first ``plan.num_batches`` of them, trimmed to the real samples; the remaining runs (the padded tail,
-    or in training the partial batch) are run and dropped before the next epoch starts. With a mean image,
-    ``MeanImage`` subtracts it from each batch at the windows the pipeline outputs.
+    or in training the partial batch) are run and dropped before the next epoch starts. On a GPU the graph
+    normalizes and ``MeanImage`` subtracts a mean image; on the CPU ``pipeline.crops`` turns the decoded
+    images and draws into the batch (``normalize_in_graph`` overrides the choice, for tests of the GPU path's
+    arithmetic on a CPU).
     """
 
     def __init__(
@@ -48,18 +50,28 @@ class DaliBackend:
         gpu: bool,
         device_id: int | None,
         debug: bool,
+        normalize_in_graph: bool | None = None,
     ) -> None:
-        self._build = dict(spec=spec, seed=seed, gpu=gpu, device_id=device_id, threads=threads, debug=debug)
+        # DALI and numba are imported only when used, so data.loader=torch also runs where they are not installed
+        from pipeline.crops import CropNormalizer
+        from pipeline.dali import MeanImage
+
+        in_graph = gpu if normalize_in_graph is None else normalize_in_graph
+        self._build = dict(
+            spec=spec, seed=seed, gpu=gpu, normalize=in_graph, device_id=device_id, threads=threads, debug=debug
+        )
         self.plan, self.norm, self.gpu, self.device_id, self.debug = plan, norm, gpu, device_id, debug
+        self.tencrop = plan.mode == "tencrop"
         self.pipe = self._make()
         self.ran = 0
-        from pipeline.dali import MeanImage  # imported when used, as in _make
-
         device = torch.device("cuda", device_id) if gpu else torch.device("cpu")
-        self.mean_image = MeanImage(norm, plan, spec.crop_size, device) if norm.mean.ndim == 3 else None
+        pixel_mean = norm.mean.ndim == 3
+        self.mean_image = MeanImage(norm, plan, spec.crop_size, device) if in_graph and pixel_mean else None
+        self.crops = None
+        if not in_graph:
+            self.crops = CropNormalizer(norm, plan.image_size, spec.crop_size, plan.batch, self.tencrop)
 
     def _make(self, checkpoint: bytes | None = None):
-        # DALI is imported only when used, so data.loader=torch also runs where DALI is not installed
         from pipeline.dali import build_pipeline, reader_batches
 
         pipe = build_pipeline(self.plan, self.norm, checkpoint=checkpoint, **self._build)
@@ -67,11 +79,10 @@ class DaliBackend:
         return pipe
 
     def _tensor(self, outputs, real: int) -> torch.Tensor:
-        """A DALI batch as a torch tensor on the pipeline's device.
+        """A normalized DALI batch as a torch tensor on the pipeline's device.
 
         CPU: zero-copy. The dynamic executor (``exec_dynamic=True``) never reuses an output buffer that is still
-        referenced, and the numpy view keeps it referenced; copying into fresh memory cost ~30% of the CPU
-        throughput (page faults on 77 MB per batch). GPU: one device copy into PyTorch's caching allocator.
+        referenced, and the numpy view keeps it referenced. GPU: one device copy into PyTorch's caching allocator.
         """
         from nvidia.dali import types
         from nvidia.dali.plugin.pytorch import feed_ndarray
@@ -95,33 +106,33 @@ class DaliBackend:
             outputs = self.pipe.run()
             self.ran += 1
             real = self.plan.real_in_batch(index)
-            images = self._tensor(outputs[0], real)
-            tencrop = self.plan.mode == "tencrop"
-            needed = not tencrop and (self.mean_image is not None or self.debug)
-            window = tuple(np.array(o.as_tensor())[:real] for o in outputs[2:5]) if needed else ()
-            if self.mean_image is not None:
-                self.mean_image.subtract(images, *window)
+            draws = () if self.tencrop else tuple(np.asarray(o.as_tensor()) for o in outputs[2:6])
+            if self.crops is not None:
+                images = self.crops(np.asarray(outputs[0].as_tensor()), *draws)[:real]
+            else:
+                images = self._tensor(outputs[0], real)
+                if self.mean_image is not None:
+                    self.mean_image.subtract(images, *(d[:real] for d in draws[:3]))
             batch = {"images": images, "labels": torch.from_numpy(np.array(outputs[1].as_tensor())[:real])}
             if self.debug:
-                batch.update(self._draws(outputs[2 if tencrop else 5 :], window, real))
+                batch.update(self._draws(outputs[2 if self.tencrop else 6 :], draws, real))
             yield batch
 
     @staticmethod
-    def _draws(outputs, window: tuple, real: int) -> dict:
+    def _draws(outputs, draws: tuple, real: int) -> dict:
         """keys (from ``path:offset:name`` source info) and, except for tencrop, crop_x, crop_y, flip, alpha, offset."""
         info = outputs[0]
-        draws = {"keys": [bytes(np.array(info[i])).decode().rsplit(":", 1)[-1].split(".")[0] for i in range(real)]}
-        if window:
-            alpha, offset = (np.array(o.as_tensor())[:real] for o in outputs[1:])
-            crop_x, crop_y, flip = window
-            draws.update(
+        result = {"keys": [bytes(np.array(info[i])).decode().rsplit(":", 1)[-1].split(".")[0] for i in range(real)]}
+        if draws:
+            crop_x, crop_y, flip, offset = (d[:real] for d in draws)
+            result.update(
                 crop_x=crop_x.astype(int),
                 crop_y=crop_y.astype(int),
                 flip=flip.astype(bool),
-                alpha=alpha.astype(np.float64),
+                alpha=np.array(outputs[1].as_tensor())[:real].astype(np.float64),
                 offset=offset.astype(np.float64),
             )
-        return draws
+        return result
 
     def state_dict(self) -> dict:
         return {"checkpoint": self.pipe.checkpoint(), "ran": self.ran}

@@ -7,10 +7,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from webdataset.tariterators import tarfile_samples
 
+from pipeline.config import DataSpec, Norm, load_dataset, plan_split
+from pipeline.crops import BufferPool
 from pipeline.lighting import augment_numpy, center_offset, lighting_offset, tencrop_offsets
-from pipeline.loader import build_loader
+from pipeline.loader import DaliBackend, Loader, build_loader
 from preprocess.shard_format import PixelStats, Sample, read_meta, shard_paths, write_json_atomic, write_shard
 
 CROP = 64  # of the 80 px test shards
@@ -31,6 +34,24 @@ def data_cfg(root: Path, **overrides) -> dict:
     return {**cfg, **overrides}
 
 
+def dali_loader(cfg: dict, split: str, mode: str, arithmetic: str, debug: bool = False) -> Loader:
+    """The CPU path (``pipeline.crops``), or the GPU path's arithmetic (``crop_mirror_normalize`` in the graph,
+    then ``MeanImage``) run with CPU operators."""
+    if arithmetic == "cpu":
+        return build_loader(cfg, split, mode, debug=debug)
+    spec = DataSpec.from_cfg(cfg)
+    meta, stats = load_dataset(spec)
+    plan = plan_split(spec, meta, split, mode, 0, 1)
+    norm = Norm.from_stats(spec, stats, plan.image_size)
+    backend = DaliBackend(
+        spec, plan, norm, seed=0, threads=2, gpu=False, device_id=None, debug=debug, normalize_in_graph=True
+    )
+    return Loader(backend, plan, meta, torch.device("cpu"), torch.float32)
+
+
+ARITHMETIC = ["cpu", "graph"]
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -39,12 +60,13 @@ def data_cfg(root: Path, **overrides) -> dict:
     ],
     ids=["pixel-mean", "channel-mean-std"],
 )
-def test_train_output_is_the_formula_for_its_draws(shard_root: Path, overrides: dict) -> None:
+@pytest.mark.parametrize("arithmetic", ARITHMETIC)
+def test_train_output_is_the_formula_for_its_draws(shard_root: Path, overrides: dict, arithmetic: str) -> None:
     cfg = data_cfg(shard_root, **overrides)
     stats, stored = PixelStats.load(shard_root), stored_images(shard_root, "train")
     mean = stats.mean_image if cfg["mean"] == "pixel" else stats.mean
     std = np.sqrt(np.diag(stats.cov)) if cfg.get("std") else None
-    loader = build_loader(cfg, "train", "train", debug=True)
+    loader = dali_loader(cfg, "train", "train", arithmetic, debug=True)
     checked = 0
     for batch in loader.batches():
         expected_offset = lighting_offset(batch["alpha"], stats.eigval, stats.eigvec, cfg["lighting"]["scale"])
@@ -87,12 +109,13 @@ def test_switched_off_augmentation_gives_the_centre_crop(shard_root: Path) -> No
 
 
 @pytest.mark.parametrize("mean_mode", ["pixel", "channel"])
-def test_center_and_tencrop_positions_are_exact(shard_root: Path, mean_mode: str) -> None:
+@pytest.mark.parametrize("arithmetic", ARITHMETIC)
+def test_center_and_tencrop_positions_are_exact(shard_root: Path, mean_mode: str, arithmetic: str) -> None:
     cfg = data_cfg(shard_root, mean=mean_mode, batch_size=8)
     stats, stored = PixelStats.load(shard_root), stored_images(shard_root, "val")
     mean = stats.mean_image if mean_mode == "pixel" else stats.mean
-    center = next(build_loader(cfg, "val", "center", debug=True).batches())
-    tencrop = next(iter(build_loader(cfg, "val", "tencrop")))[0]
+    center = next(dali_loader(cfg, "val", "center", arithmetic, debug=True).batches())
+    tencrop = next(iter(dali_loader(cfg, "val", "tencrop", arithmetic)))[0]
     assert tencrop.shape == (8, 10, 3, CROP, CROP)
     patches = [(x, y, flip) for flip in (False, True) for x, y in tencrop_offsets(80, CROP)]
     for i, key in enumerate(center["keys"]):
@@ -145,7 +168,6 @@ def test_lighting_is_one_offset_per_image_with_std_sigma(gray_root: Path, scale:
 @pytest.mark.parametrize("mode", ["train", "center", "tencrop"])
 def test_gpu_graph_is_defined_without_a_gpu(shard_root: Path, mode: str) -> None:
     """The GPU variant's graph (mixed decoding, GPU operators) is defined here; building it needs a GPU."""
-    from pipeline.config import DataSpec, Norm, load_dataset, plan_split
     from pipeline.dali import augment_pipeline
 
     spec = DataSpec.from_cfg(data_cfg(shard_root, dtype="float16", lighting={"sigma": 0.1}))
@@ -153,5 +175,14 @@ def test_gpu_graph_is_defined_without_a_gpu(shard_root: Path, mode: str) -> None
     plan = plan_split(spec, meta, "train", mode, 0, 1)
     norm = Norm.from_stats(spec, stats, plan.image_size)
     kwargs = dict(crop=CROP, random_crop=True, flip=True, sigma=0.1, dtype="float16", reader_seed=0, shuffle_buffer=64)
-    pipe = augment_pipeline(plan, norm, gpu=True, batch_size=4, num_threads=1, device_id=0, **kwargs)
+    pipe = augment_pipeline(plan, norm, gpu=True, normalize=True, batch_size=4, num_threads=1, device_id=0, **kwargs)
     assert pipe is not None
+
+
+def test_output_buffers_are_reused_only_when_released() -> None:
+    pool = BufferPool((2, 3))
+    held = torch.from_numpy(pool.take())[:1]  # a view of a batch the trainer still holds
+    assert pool.take() is pool.buffers[1]  # the held buffer is skipped
+    assert pool.take() is pool.buffers[1]  # the second was released at once: reused
+    del held
+    assert pool.take() is pool.buffers[0] and len(pool.buffers) == 2
