@@ -1,8 +1,9 @@
 """Exact training-set pixel statistics: per-pixel mean image, RGB mean, 3x3 covariance and its eigenvectors.
 
-Each worker accumulates sums of uint8 pixel values in float64. Every partial sum is an integer below 2**53
-(ImageNet at 256x256: at most 1.3e6 * 65536 * 255**2 = 5.5e15 < 9.0e15), so float64 adds them without rounding
-and merging partials in any order gives bit-identical results whatever the number of workers.
+Each worker accumulates exact sums of uint8 pixel values: channel sums and sums of channel products in int64,
+the per-pixel image sum in float64. Every partial sum is an integer below 2**53 (ImageNet at 256x256: at most
+1.3e6 * 65536 * 255**2 = 5.5e15 < 9.0e15), so float64 holds them without rounding too, and merging partials in
+any order gives bit-identical results whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -10,29 +11,67 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import cv2
+import numba
 import numpy as np
 
 from preprocess.shard_format import PixelStats
 
 
+@numba.njit(cache=True, nogil=True)
+def pixel_moments(rgb, channel_sum, outer_sum) -> None:  # pragma: no cover
+    """Add the image's per-channel sums and 3x3 sums of products to int64 ``channel_sum`` (3,) and ``outer_sum`` (3, 3).
+
+    Exact integer arithmetic: a row of at most 256 pixels sums products below 2**24 in int32 (vectorized by
+    LLVM), rows are added in int64. 8x faster than ``cv2.mulTransposed`` at 256 px, which was a tenth of the
+    preprocessing time per image. Rows longer than 256 pixels are summed in chunks of 256.
+    """
+    height, width = rgb.shape[0], rgb.shape[1]
+    for y in range(height):
+        row = rgb[y].reshape(3 * width)
+        for chunk in range(0, width, 256):
+            pixels = row[3 * chunk : 3 * min(chunk + 256, width)]
+            s0 = s1 = s2 = p00 = p01 = p02 = p11 = p12 = p22 = np.int32(0)
+            for x in range(pixels.shape[0] // 3):
+                r, g, b = np.int32(pixels[3 * x]), np.int32(pixels[3 * x + 1]), np.int32(pixels[3 * x + 2])
+                s0 += r
+                s1 += g
+                s2 += b
+                p00 += r * r
+                p01 += r * g
+                p02 += r * b
+                p11 += g * g
+                p12 += g * b
+                p22 += b * b
+            channel_sum[0] += s0
+            channel_sum[1] += s1
+            channel_sum[2] += s2
+            outer_sum[0, 0] += p00
+            outer_sum[1, 1] += p11
+            outer_sum[2, 2] += p22
+            outer_sum[0, 1] += p01
+            outer_sum[1, 0] += p01
+            outer_sum[0, 2] += p02
+            outer_sum[2, 0] += p02
+            outer_sum[1, 2] += p12
+            outer_sum[2, 1] += p12
+
+
 class PixelAccumulator:
-    """Running float64 sums over (size, size, 3) uint8 RGB images."""
+    """Running exact sums over (size, size, 3) uint8 RGB images (see the module docstring)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.images = 0
-        self.channel_sum = np.zeros(3)
-        self.outer_sum = np.zeros((3, 3))
+        self.channel_sum = np.zeros(3, np.int64)
+        self.outer_sum = np.zeros((3, 3), np.int64)
         self.image_sum = np.zeros((size, size, 3))
 
     def add(self, rgb: np.ndarray) -> None:
         if rgb.shape != (self.size, self.size, 3) or rgb.dtype != np.uint8:
             raise ValueError(f"expected a ({self.size}, {self.size}, 3) uint8 image, got {rgb.shape} {rgb.dtype}")
         self.images += 1
-        # OpenCV's SIMD sums accumulate in float64: exact here, and 5-10x faster than numpy's temporaries
-        self.channel_sum += cv2.sumElems(rgb)[:3]
-        self.outer_sum += cv2.mulTransposed(rgb.reshape(-1, 3), True, dtype=cv2.CV_64F)
-        cv2.accumulate(rgb, self.image_sum)
+        pixel_moments(np.ascontiguousarray(rgb), self.channel_sum, self.outer_sum)
+        cv2.accumulate(rgb, self.image_sum)  # SIMD, in float64
 
     def merge(self, other: PixelAccumulator) -> None:
         if other.size != self.size:
@@ -84,7 +123,7 @@ class PixelAccumulator:
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> PixelAccumulator:
         acc = cls(int(arrays["size"]))
         acc.images = int(arrays["images"])
-        acc.channel_sum = np.asarray(arrays["channel_sum"], dtype=np.float64)
-        acc.outer_sum = np.asarray(arrays["outer_sum"], dtype=np.float64)
+        acc.channel_sum = np.asarray(arrays["channel_sum"]).astype(np.int64)
+        acc.outer_sum = np.asarray(arrays["outer_sum"]).astype(np.int64)
         acc.image_sum = np.asarray(arrays["image_sum"], dtype=np.float64)
         return acc

@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from preprocess.area import area_shrink
+
 DEFAULT_MAX_PIXELS = 100_000_000
 JPEG_SOS, JPEG_EOI = b"\xff\xda", b"\xff\xd9"
 
@@ -114,16 +116,18 @@ def resize_center_crop(rgb: np.ndarray, size: int) -> np.ndarray:
 
     Computed as the rescaled central square (side = the shorter side): the same pixels as rescaling the whole
     image and then cropping (area interpolation only looks inside each output pixel's footprint), without
-    resizing the parts that the crop throws away. Area interpolation when shrinking, bicubic when enlarging.
+    resizing the parts that the crop throws away. Area interpolation when shrinking (``preprocess.area``),
+    bicubic when enlarging.
     """
     height, width = rgb.shape[:2]
     short = min(height, width)
+    if short > size:
+        return area_shrink(rgb, size)
     top, left = (height - short) // 2, (width - short) // 2
     square = rgb[top : top + short, left : left + short]
     if short == size:
         return np.ascontiguousarray(square)
-    interpolation = cv2.INTER_AREA if short > size else cv2.INTER_CUBIC
-    return cv2.resize(square, (size, size), interpolation=interpolation)
+    return cv2.resize(square, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocess.stats import PixelAccumulator
+from preprocess.stats import PixelAccumulator, pixel_moments
 from preprocess.transcode import (
     UnusableImage,
     decode_jpeg,
@@ -151,6 +151,38 @@ def test_area_shrink_by_two_is_the_two_by_two_block_mean_then_centre_crop():
     out = resize_center_crop(rgb, 4)
     assert out.shape == (4, 4, 3)
     assert np.abs(out - blocks[:, 1:5]).max() <= 0.5 + 1e-9
+
+
+def coverage_matrix(src: int, dst: int) -> np.ndarray:
+    """(dst, src) area weights from the definition: the overlap of [k, k+1) with [i s, (i+1) s), over s."""
+    scale = src / dst
+    lo, hi = np.arange(dst)[:, None] * scale, np.arange(1, dst + 1)[:, None] * scale
+    k = np.arange(src)[None, :]
+    return np.clip(np.minimum(hi, k + 1) - np.maximum(lo, k), 0.0, None) / scale
+
+
+@pytest.mark.parametrize(("height", "width", "size"), [(375, 500, 256), (23, 17, 7), (40, 300, 39)])
+def test_area_shrink_is_the_mean_over_each_output_pixels_footprint(height: int, width: int, size: int):
+    rgb = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = rgb[top : top + side, left : left + side].astype(np.float64)
+    weights = coverage_matrix(side, size)
+    exact = np.stack([weights @ square[:, :, c] @ weights.T for c in range(3)], axis=-1)
+    out = resize_center_crop(rgb, size)
+    assert out.shape == (size, size, 3) and out.dtype == np.uint8
+    assert np.abs(out - exact).max() <= 0.5 + 1e-3  # the exact area mean, rounded
+    opencv = cv2.resize(np.ascontiguousarray(square.astype(np.uint8)), (size, size), interpolation=cv2.INTER_AREA)
+    assert np.abs(out.astype(int) - opencv).max() <= 1
+
+
+def test_pixel_moments_are_exact_integer_sums_over_long_rows():
+    rgb = np.random.default_rng(3).integers(0, 256, (3, 600, 3), dtype=np.uint8)  # rows summed in 256-px chunks
+    channel_sum, outer_sum = np.zeros(3, np.int64), np.zeros((3, 3), np.int64)
+    pixel_moments(rgb, channel_sum, outer_sum)
+    pixels = rgb.reshape(-1, 3).astype(np.int64)
+    assert np.array_equal(channel_sum, pixels.sum(axis=0))
+    assert np.array_equal(outer_sum, pixels.T @ pixels)
 
 
 def test_upscaling_keeps_a_linear_ramp_linear():
