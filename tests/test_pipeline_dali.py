@@ -57,8 +57,9 @@ ARITHMETIC = ["cpu", "graph"]
     [
         {"mean": "pixel", "lighting": {"sigma": 0.1, "scale": "sqrt"}},
         {"mean": "channel", "std": True, "lighting": {"sigma": 0.1, "scale": "unit"}},
+        {"mean": "pixel", "std": True, "lighting": {"sigma": 0.1, "scale": "sqrt"}},  # as the demo
     ],
-    ids=["pixel-mean", "channel-mean-std"],
+    ids=["pixel-mean", "channel-mean-std", "pixel-mean-std"],
 )
 @pytest.mark.parametrize("arithmetic", ARITHMETIC)
 def test_train_output_is_the_formula_for_its_draws(shard_root: Path, overrides: dict, arithmetic: str) -> None:
