@@ -2,11 +2,11 @@
 
 On a GPU, DALI's ``crop_mirror_normalize`` does this inside the graph (``pipeline.dali``). On the CPU that
 operator is a scalar loop over strided uint8 reads, and a mean image needs a second float pass after it:
-together about half of the pipeline's CPU time, more than JPEG decoding. So on the CPU the DALI graph stops
+together a third of the pipeline's CPU time in a profile (decoding was 39%). So on the CPU the DALI graph stops
 after decoding and drawing the random parameters (crop corner, flip, lighting offset: DALI's seeded,
 checkpointed random operators either way), and ``normalize_crops`` (numba-compiled) writes each output
 element once from the decoded image, the drawn parameters and a float32 table of the mean. That took the
-pipeline from 0.55-0.66 to 0.73-0.77 of the JPEG decoding floor (best rounds; docs/pipeline.md).
+pipeline from 0.55-0.66 to 0.72-0.86 of the JPEG decoding floor (best rounds; docs/pipeline.md).
 
 Outputs go into arrays from a ``BufferPool`` that reuses an array only when nothing references it any more,
 so a batch the trainer still holds is never overwritten, and the steady state touches no fresh memory

@@ -52,7 +52,7 @@ class DaliBackend:
         debug: bool,
         normalize_in_graph: bool | None = None,
     ) -> None:
-        # DALI and numba are imported only when used, so data.loader=torch also runs where they are not installed
+        # DALI is imported only when used, so data.loader=torch also runs where it is not installed
         from pipeline.crops import CropNormalizer
         from pipeline.dali import MeanImage
 
