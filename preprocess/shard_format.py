@@ -96,9 +96,8 @@ def write_shard(path: str | Path, samples: Iterable[Sample]) -> int:
             parts = []
             for ext, data in ((IMAGE_EXT, sample.jpeg), (CLASS_EXT, cls_bytes), (LABEL_EXT, lbl_bytes)):
                 name = f"{sample.key}.{ext}"
-                info = _tar_member(name, len(data))
-                data_offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
-                tar.addfile(info, io.BytesIO(data))
+                data_offset = tar.offset + tarfile.BLOCKSIZE  # a USTAR header is one block (longer names raise)
+                tar.addfile(_tar_member(name, len(data)), io.BytesIO(data))
                 parts.append(f"{ext} {data_offset} {len(data)} {name}")
             lines.append(" ".join(parts))
     tmp_idx.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))
