@@ -62,8 +62,12 @@ def reduction_factor(width: int, height: int, size: int) -> int:
 
 
 def is_truncated_jpeg(data: bytes) -> bool:
-    """True when the last scan (SOS marker) is not followed by an end-of-image marker."""
-    return data.rfind(JPEG_EOI) < data.rfind(JPEG_SOS)
+    """True when the last scan (SOS marker) is not followed by an end-of-image marker.
+
+    Searches for a scan only after the last EOI (near the end of a whole file), not through the whole file.
+    """
+    eoi = data.rfind(JPEG_EOI)
+    return data.find(JPEG_SOS, eoi + 1) != -1 if eoi >= 0 else JPEG_SOS in data
 
 
 # OpenCV's IMREAD_REDUCED_GRAYSCALE_k constants are the bare DCT-scaling bits; IMREAD_COLOR_RGB makes libjpeg

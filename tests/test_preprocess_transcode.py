@@ -17,6 +17,7 @@ from preprocess.transcode import (
     decode_jpeg,
     decode_rgb,
     encode_jpeg,
+    is_truncated_jpeg,
     reduction_factor,
     resize_center_crop,
     transcode,
@@ -114,6 +115,14 @@ def png_claiming_size(width: int, height: int) -> bytes:
     ihdr = bytes(data[12:16]) + struct.pack(">II", width, height) + bytes(data[24:29])
     data[12:33] = ihdr + struct.pack(">I", zlib.crc32(ihdr))
     return bytes(data)
+
+
+def test_truncation_means_a_scan_without_an_end_of_image_after_it():
+    whole = jpeg_bytes(smooth_image(32, 32))
+    assert not is_truncated_jpeg(whole) and not is_truncated_jpeg(whole + b"\x00" * 10)  # trailing padding is fine
+    assert is_truncated_jpeg(whole[:-300])  # no EOI at all
+    assert is_truncated_jpeg(whole + whole[:-300])  # a second image cut short after a complete first one
+    assert not is_truncated_jpeg(b"GIF89a no markers")
 
 
 def test_decompression_bomb_is_rejected_from_its_header():
