@@ -90,14 +90,15 @@ def write_shard(path: str | Path, samples: Iterable[Sample]) -> int:
     tmp_tar = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp_idx = index_path(path).with_name(f".{index_path(path).name}.tmp-{os.getpid()}")
     lines = []
-    with tarfile.open(tmp_tar, "w", format=tarfile.USTAR_FORMAT) as tar:
+    # POSIX (pax) format: plain one-block ustar headers, plus an extended header for a name over 100 bytes
+    with tarfile.open(tmp_tar, "w", format=tarfile.PAX_FORMAT) as tar:
         for sample in samples:
             cls_bytes, lbl_bytes = encode_label(sample.label)
             parts = []
             for ext, data in ((IMAGE_EXT, sample.jpeg), (CLASS_EXT, cls_bytes), (LABEL_EXT, lbl_bytes)):
                 name = f"{sample.key}.{ext}"
-                data_offset = tar.offset + tarfile.BLOCKSIZE  # a USTAR header is one block (longer names raise)
                 tar.addfile(_tar_member(name, len(data)), io.BytesIO(data))
+                data_offset = tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # the data ends it
                 parts.append(f"{ext} {data_offset} {len(data)} {name}")
             lines.append(" ".join(parts))
     tmp_idx.write_text(f"{INDEX_VERSION} {len(lines)}\n" + "".join(line + "\n" for line in lines))

@@ -106,11 +106,12 @@ def test_stats_equal_numpy_over_the_decoded_training_images(shard_root):
     np.testing.assert_allclose(readable["eigval"], stats.eigval)
 
 
-def test_dali_reads_the_shards_with_their_index_files(shard_root):
+def read_with_dali(root: Path, split: str) -> list[tuple[str, int, bytes]]:
+    """(key, label, decoded RGB bytes) of every sample, read by DALI through the index files."""
     from nvidia.dali import fn, pipeline_def, types
 
-    paths = [str(p) for p in shard_paths(shard_root, "train")]
-    count = read_meta(shard_root)["splits"]["train"]["count"]
+    paths = [str(p) for p in shard_paths(root, split)]
+    count = read_meta(root)["splits"][split]["count"]
 
     @pipeline_def(batch_size=count, num_threads=1, device_id=None)
     def pipe():
@@ -122,19 +123,24 @@ def test_dali_reads_the_shards_with_their_index_files(shard_root):
             missing_component_behavior="error",
             name="reader",
         )
-        return fn.decoders.image(jpeg, device="cpu", output_type=types.RGB), label
+        image = fn.decoders.image(jpeg, device="cpu", output_type=types.RGB)
+        return image, label, fn.get_property(jpeg, key="source_info")
 
     dali = pipe()
     dali.build()
     assert dali.epoch_size("reader") == count
-    images, labels = dali.run()
-    from_dali = sorted((int(np.asarray(labels[i])[0]), np.asarray(images[i]).tobytes()) for i in range(count))
+    images, labels, infos = dali.run()
+    keys = [bytes(np.asarray(infos[i])).decode().rsplit(":", 1)[-1].rsplit(".", 1)[0] for i in range(count)]
+    return [(keys[i], int(np.asarray(labels[i])[0]), np.asarray(images[i]).tobytes()) for i in range(count)]
+
+
+def test_dali_reads_the_shards_with_their_index_files(shard_root):
+    from_dali = sorted(read_with_dali(shard_root, "train"))
     from_wds = sorted(
-        (cls, cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), 1), cv2.COLOR_BGR2RGB).tobytes())
-        for _, cls, _, jpeg in read_with_webdataset(shard_root, "train")
+        (key, cls, cv2.cvtColor(cv2.imdecode(np.frombuffer(jpeg, np.uint8), 1), cv2.COLOR_BGR2RGB).tobytes())
+        for key, cls, _, jpeg in read_with_webdataset(shard_root, "train")
     )
-    assert [label for label, _ in from_dali] == [label for label, _ in from_wds]
-    assert all(a == b for (_, a), (_, b) in zip(from_dali, from_wds, strict=True))
+    assert from_dali == from_wds
 
 
 def test_one_worker_writes_the_same_bytes_as_two(shard_root, digits_src, tmp_path):
@@ -230,6 +236,7 @@ def quirky_src(digits_src, tmp_path) -> Path:
     (folder / "empty_1.JPEG").write_bytes(b"")
     (folder / "notes.txt").write_text("not an image\n")
     Image.new("RGB", (300, 300)).save(folder / "bomb_1.JPEG", quality=50)
+    Image.fromarray(rgb).save(folder / f"long_{'x' * 150}_1.JPEG", quality=95)  # a tar name over 100 bytes
     return src
 
 
@@ -245,7 +252,8 @@ def test_unusable_files_are_listed_and_everything_else_is_written(quirky_src, tm
     assert "not an image" in reasons["notes.txt"] and "decompression bomb" in reasons["bomb_1.JPEG"]
     assert summary["rejected"] == 4 and read_meta(out)["rejected"] == 4
     keys = {key for key, *_ in read_with_webdataset(out, "train")}
-    assert {"cmyk_1", "grey_1", "png_1", "rgba_1", "tiny_1", "wide_1"} <= keys
+    assert {"cmyk_1", "grey_1", "png_1", "rgba_1", "tiny_1", "wide_1", f"long_{'x' * 150}_1"} <= keys
+    assert {key for key, *_ in read_with_dali(out, "train")} == keys
     assert summary["counts"]["train"] == len(source_labels(quirky_src, "train")) - 4
     assert verify(out) == []
 
