@@ -2,8 +2,9 @@
 
 Output pixel ``i`` of an axis shrunk from ``src`` to ``dst`` pixels covers source ``[i s, (i + 1) s)``,
 ``s = src / dst``; source pixel ``k`` contributes with weight ``overlap([k, k + 1), [i s, (i + 1) s)) / s``.
-The same definition as OpenCV's ``INTER_AREA`` (outputs agree within 1), computed 2.5x faster: OpenCV's
-generic non-integer path is scalar, here both passes are vectorized loops over whole rows (numba):
+The same definition as OpenCV's ``INTER_AREA`` (outputs agree within 1), computed 1.6x faster (0.48 against
+0.78 ms for 375 -> 256 px): OpenCV's generic non-integer path is scalar, here both passes are vectorized loops
+over whole rows (numba):
 
 1. vertical: ``rows(i) = sum_t w[i, t] * image[start[i] + t]``, over rows of ``src * 3`` values;
 2. transpose (blocked), so the horizontal pass also runs over contiguous rows;
