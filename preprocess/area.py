@@ -1,4 +1,5 @@
-"""Area interpolation for shrinking a square RGB image: each output pixel is the mean of the source area it covers.
+"""Area interpolation for shrinking the central square of an RGB image: each output pixel is the mean of the source
+area it covers.
 
 Output pixel ``i`` of an axis shrunk from ``src`` to ``dst`` pixels covers source ``[i s, (i + 1) s)``,
 ``s = src / dst``; source pixel ``k`` contributes with weight ``overlap([k, k + 1), [i s, (i + 1) s)) / s``.
