@@ -84,23 +84,22 @@ class CropNormalizer:
         std = norm.std if norm.std is not None else np.ones(3)
         self.inv_std = (1.0 / std).astype(np.float32)
         self.batch, self.crop = batch, crop
-        self.patches = None
+        self.patches = None  # ten-crop: the fixed (xs, ys, flips, offsets) of every output, the same each batch
+        self.per_image = 1
         if tencrop:
             xs, ys, flips = zip(*[(x, y, m) for m in (0, 1) for x, y in tencrop_offsets(image_size, crop)], strict=True)
-            self.patches = tuple(np.tile(np.array(column), batch) for column in (xs, ys, flips))
-        self.per_image = 1 if self.patches is None else len(xs)
+            self.per_image = len(xs)
+            columns = tuple(np.tile(np.array(column), batch) for column in (xs, ys, flips))
+            self.patches = (*columns, np.zeros((batch * self.per_image, 3), np.float32))
+        self.sources = np.repeat(np.arange(batch), self.per_image)  # the image of each output
         self.pool = BufferPool((batch * self.per_image, 3, crop, crop))
 
     def __call__(self, images: np.ndarray, crop_x=None, crop_y=None, flip=None, offset=None) -> torch.Tensor:
         """``images`` (B, S, S, 3) uint8 and the B corners, flips and offsets (none for ten-crop)."""
         if len(images) != self.batch:
             raise ValueError(f"expected a batch of {self.batch} images, got {len(images)}")
-        sources = np.repeat(np.arange(self.batch), self.per_image)
-        if self.patches is None:
-            draws = (crop_x, crop_y, flip, np.asarray(offset, np.float32))
-        else:
-            draws = (*self.patches, np.zeros((len(sources), 3), np.float32))
+        draws = self.patches or (crop_x, crop_y, flip, np.asarray(offset, np.float32))
         out = self.pool.take()
-        normalize_crops(images, sources, *draws, self.table, self.inv_std, out)
+        normalize_crops(images, self.sources, *draws, self.table, self.inv_std, out)
         batch = torch.from_numpy(out)
         return batch if self.patches is None else batch.view(self.batch, self.per_image, 3, self.crop, self.crop)
