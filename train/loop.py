@@ -102,7 +102,7 @@ class Sums:
     loss: float = 0.0
     correct: float = 0.0
     images: int = 0
-    wait: float = 0.0  # seconds a rank waited for data, averaged over ranks
+    wait: float = 0.0  # seconds waited for data: the ranks' mean wait fraction times this rank's seconds
     seconds: float = 0.0
 
     def add(self, other: Sums) -> None:
@@ -309,9 +309,13 @@ class Trainer:
 
     def sync(self, window: Window, lr: float) -> None:
         """All-reduce a window's sums (the host waits here), stop on NaN/inf, write a step line."""
-        totals = torch.cat([window.device_sums, torch.tensor([window.wait], dtype=torch.float64, device=self.device)])
+        # each rank's wait as a fraction of its own window: ranks' windows start and end at slightly different
+        # times, so averaging raw seconds could exceed this rank's window (a data_wait above 1)
+        seconds = time.perf_counter() - window.start
+        fraction = torch.tensor([window.wait / seconds], dtype=torch.float64, device=self.device)
+        totals = torch.cat([window.device_sums, fraction])
         dist.all_reduce(totals)
-        loss, correct, nonfinite, wait = totals.tolist()
+        loss, correct, nonfinite, wait_fraction = totals.tolist()
         if nonfinite:
             kept = self.run_dir / CHECKPOINT_DIR / "last.pt"
             kept = f"the last good checkpoint is {kept}" if kept.is_file() else "no checkpoint was written yet"
@@ -320,9 +324,7 @@ class Trainer:
                 f"diverged; {kept}; lower optim.lr or add schedule.warmup_epochs",
                 EXIT_DIVERGED,
             )
-        sums = Sums(
-            loss, correct, window.steps * self.global_batch, wait / self.world_size, time.perf_counter() - window.start
-        )
+        sums = Sums(loss, correct, window.steps * self.global_batch, wait_fraction / self.world_size * seconds, seconds)
         self.partial.add(sums)
         self.log.step(
             {
