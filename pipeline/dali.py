@@ -33,8 +33,16 @@ from preprocess.shard_format import IMAGE_EXT, LABEL_EXT, index_path
 READER = "reader"
 DRAW_OUTPUTS = ("crop_x", "crop_y", "flip", "offset")  # after images, labels; not in tencrop (fixed windows)
 DEBUG_OUTPUTS = ("source_info", "alpha")  # last, when debug; tencrop: source_info only
+
 # DALI has no bfloat16: it outputs float32 and the loader casts
 DALI_DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
+
+
+def output_names(tencrop: bool, debug: bool) -> tuple[str, ...]:
+    """The names of ``augment_pipeline``'s outputs, in order."""
+    draws = () if tencrop else DRAW_OUTPUTS
+    extra = (DEBUG_OUTPUTS[:1] if tencrop else DEBUG_OUTPUTS) if debug else ()
+    return ("images", "labels", *draws, *extra)
 
 
 def _read(plan: SplitPlan, seed: int, shuffle_buffer: int) -> tuple[DataNode, DataNode]:
@@ -102,7 +110,8 @@ def augment_pipeline(
     shuffle_buffer: int,
     debug: bool = False,
 ):
-    """Outputs ``images, labels``, then ``DRAW_OUTPUTS`` (not in tencrop), then ``DEBUG_OUTPUTS`` when ``debug``.
+    """Outputs ``output_names(tencrop, debug)``: images, labels, then ``DRAW_OUTPUTS`` (not in tencrop), then
+    ``DEBUG_OUTPUTS`` when ``debug``.
 
     ``normalize`` (the GPU path): images are ``crop_mirror_normalize``'s CHW outputs, a mean image still to be
     subtracted by ``MeanImage`` (float32 then: a float16 output would round before the subtraction; the loader

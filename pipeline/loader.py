@@ -54,7 +54,7 @@ class DaliBackend:
     ) -> None:
         # DALI is imported only when used, so data.loader=torch also runs where it is not installed
         from pipeline.crops import CropNormalizer
-        from pipeline.dali import MeanImage
+        from pipeline.dali import MeanImage, output_names
 
         in_graph = gpu if normalize_in_graph is None else normalize_in_graph
         self._build = dict(
@@ -62,6 +62,7 @@ class DaliBackend:
         )
         self.plan, self.norm, self.gpu, self.device_id, self.debug = plan, norm, gpu, device_id, debug
         self.tencrop = plan.mode == "tencrop"
+        self.output_names = output_names(self.tencrop, debug)
         self.pipe = self._make()
         self.ran = 0
         device = torch.device("cuda", device_id) if gpu else torch.device("cpu")
@@ -102,26 +103,28 @@ class DaliBackend:
             for _ in range(self.per_epoch - self.ran):
                 self.pipe.run()
             self.ran = 0
+        from pipeline.dali import DRAW_OUTPUTS
+
         for index in range(start, self.plan.num_batches):
-            outputs = self.pipe.run()
+            outputs = dict(zip(self.output_names, self.pipe.run(), strict=True))
             self.ran += 1
             real = self.plan.real_in_batch(index)
-            draws = () if self.tencrop else tuple(np.asarray(o.as_tensor()) for o in outputs[2:6])
+            draws = () if self.tencrop else tuple(np.asarray(outputs[name].as_tensor()) for name in DRAW_OUTPUTS)
             if self.crops is not None:
-                images = self.crops(np.asarray(outputs[0].as_tensor()), *draws)[:real]
+                images = self.crops(np.asarray(outputs["images"].as_tensor()), *draws)[:real]
             else:
-                images = self._tensor(outputs[0], real)
+                images = self._tensor(outputs["images"], real)
                 if self.mean_image is not None:
                     self.mean_image.subtract(images, *(d[:real] for d in draws[:3]))
-            batch = {"images": images, "labels": torch.from_numpy(np.array(outputs[1].as_tensor())[:real])}
+            batch = {"images": images, "labels": torch.from_numpy(np.array(outputs["labels"].as_tensor())[:real])}
             if self.debug:
-                batch.update(self._draws(outputs[2 if self.tencrop else 6 :], draws, real))
+                batch.update(self._draws(outputs, draws, real))
             yield batch
 
     @staticmethod
-    def _draws(outputs, draws: tuple, real: int) -> dict:
+    def _draws(outputs: dict, draws: tuple, real: int) -> dict:
         """keys (from ``path:offset:name`` source info) and, except for tencrop, crop_x, crop_y, flip, alpha, offset."""
-        info = outputs[0]
+        info = outputs["source_info"]
         result = {"keys": [bytes(np.array(info[i])).decode().rsplit(":", 1)[-1].split(".")[0] for i in range(real)]}
         if draws:
             crop_x, crop_y, flip, offset = (d[:real] for d in draws)
@@ -129,7 +132,7 @@ class DaliBackend:
                 crop_x=crop_x.astype(int),
                 crop_y=crop_y.astype(int),
                 flip=flip.astype(bool),
-                alpha=np.array(outputs[1].as_tensor())[:real].astype(np.float64),
+                alpha=np.array(outputs["alpha"].as_tensor())[:real].astype(np.float64),
                 offset=offset.astype(np.float64),
             )
         return result
@@ -145,8 +148,11 @@ class DaliBackend:
 class Loader:
     """One epoch per ``iter()``; see the module docstring and ``pipeline.config.SplitPlan`` for the counts."""
 
-    def __init__(self, backend: Backend, plan: SplitPlan, meta: dict, device: torch.device, dtype: torch.dtype) -> None:
-        self.backend, self.plan, self.meta, self.device, self.dtype = backend, plan, meta, device, dtype
+    def __init__(
+        self, backend: Backend, plan: SplitPlan, meta: dict, norm: Norm, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.backend, self.plan, self.meta, self.norm = backend, plan, meta, norm
+        self.device, self.dtype = device, dtype
         self.num_classes = len(meta["classes"])
         self.num_samples = plan.num_samples
         self.epoch = 0  # the epoch being (or last) iterated
@@ -245,4 +251,4 @@ def build_loader(
     else:
         device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
         backend = DaliBackend(spec, plan, norm, seed=seed, threads=threads, gpu=gpu, device_id=device_id, debug=debug)
-    return Loader(backend, plan, meta, device, TORCH_DTYPES[spec.dtype])
+    return Loader(backend, plan, meta, norm, device, TORCH_DTYPES[spec.dtype])

@@ -18,19 +18,17 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import DataSpec, Norm
 from pipeline.lighting import mean_patch
 from pipeline.loader import build_loader
 from preprocess.cli import run_cli
-from preprocess.shard_format import DatasetError, PixelStats
+from preprocess.shard_format import DatasetError
 
 
 def collect(data_cfg: dict, split: str, mode: str, n: int, seed: int) -> dict[str, np.ndarray]:
     """One batch of ``n`` samples from the loader, with the draws that made it."""
     loader = build_loader({**data_cfg, "batch_size": n}, split, mode, seed=seed, debug=True)
     batch = next(loader.batches())
-    spec = DataSpec.from_cfg(data_cfg)
-    norm = Norm.from_stats(spec, PixelStats.load(spec.root), loader.plan.image_size)
+    norm = loader.norm
     names = {int(c["index"]): str(c.get("name", c.get("wnid", c["index"]))) for c in loader.meta["classes"]}
     labels = batch["labels"].numpy()
     return {

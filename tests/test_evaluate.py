@@ -206,3 +206,11 @@ def test_checkpoint_lists() -> None:
         "x=1,2",
         "checkpoint='c,d'",
     ]
+
+
+def test_help_lists_its_options_not_the_trainers_config_groups() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "train.evaluate", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "tencrop: true" in done.stdout and "mirror: auto" in done.stdout, done.stderr
+    assert "experiment" not in done.stdout and "Configuration groups" not in done.stdout

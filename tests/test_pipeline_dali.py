@@ -46,7 +46,7 @@ def dali_loader(cfg: dict, split: str, mode: str, arithmetic: str, debug: bool =
     backend = DaliBackend(
         spec, plan, norm, seed=0, threads=2, gpu=False, device_id=None, debug=debug, normalize_in_graph=True
     )
-    return Loader(backend, plan, meta, torch.device("cpu"), torch.float32)
+    return Loader(backend, plan, meta, norm, torch.device("cpu"), torch.float32)
 
 
 ARITHMETIC = ["cpu", "graph"]
