@@ -73,17 +73,22 @@ def _transpose_round(source, out) -> None:  # pragma: no cover
                 out[x, y, c] = np.uint8(min(source[y, x, c] + half, top))  # truncation of v + 0.5: rounding
 
 
-_scratch = threading.local()  # per thread: float buffers by (side, size), reused from image to image
+_scratch = threading.local()  # per thread: one float32 buffer per intermediate, reused from image to image
 
 
 def _buffers(side: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The three float32 intermediates, allocated once per shape: fresh 3 MB per image cost page faults that
-    took more time than the arithmetic."""
-    cache = _scratch.__dict__.setdefault("buffers", {})
-    if (side, size) not in cache:
-        shapes = ((size, side, 3), (side, size, 3), (size, size, 3))
-        cache[(side, size)] = tuple(np.empty(shape, np.float32) for shape in shapes)
-    return cache[(side, size)]
+    """The three float32 intermediates as views of per-thread buffers, grown to the largest image seen: fresh
+    3 MB per image cost page faults that took more time than the arithmetic. One buffer each, not one per
+    shape: ImageNet's sources come in hundreds of sizes."""
+    shapes = ((size, side, 3), (side, size, 3), (size, size, 3))
+    buffers = _scratch.__dict__.setdefault("buffers", [np.empty(0, np.float32) for _ in shapes])
+    views = []
+    for i, shape in enumerate(shapes):
+        needed = int(np.prod(shape))
+        if buffers[i].size < needed:
+            buffers[i] = np.empty(needed, np.float32)
+        views.append(buffers[i][:needed].reshape(shape))
+    return tuple(views)
 
 
 def area_shrink(image: np.ndarray, size: int) -> np.ndarray:

@@ -8,8 +8,9 @@ Decisions, so that every image of ImageNet gives a usable, deterministic result:
   A JPEG must end with its EOI marker after the last scan: libjpeg would silently fill a truncated file with
   grey, so truncated files are rejected instead.
 - Everything else (CMYK/YCCK JPEGs, with Adobe's inverted CMYK handled by Pillow, PNG or GIF named .JPEG,
-  palette, 16-bit) goes through Pillow and ``convert("RGB")``; transparent pixels are composited onto white,
-  as an image viewer shows them.
+  palette, 16-bit) goes through Pillow and ``convert("RGB")``; 16-bit greyscale keeps its 8 high bits (Pillow
+  would clip it); transparent pixels (an alpha channel or a transparent colour) are composited onto white, as an
+  image viewer shows them.
 - EXIF orientation is ignored: pixels are used as stored, as Pillow-based pipelines (torchvision) see them.
 - When the shorter side is at least twice ``size``, the JPEG decoder downscales in the DCT domain by 2, 4 or 8
   (keeping the shorter side >= ``size``); the rest of the way uses area interpolation (shrinking) or bicubic
@@ -20,15 +21,15 @@ Decisions, so that every image of ImageNet gives a usable, deterministic result:
 from __future__ import annotations
 
 import io
-import warnings
 
 import cv2
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from preprocess.area import area_shrink
 
 DEFAULT_MAX_PIXELS = 100_000_000
+SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's modes of 16-bit greyscale PNG/TIFF
 JPEG_SOS, JPEG_EOI = b"\xff\xda", b"\xff\xd9"
 
 
@@ -37,17 +38,22 @@ class UnusableImage(ValueError):
 
 
 def probe(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open the header only (no pixel decoding), rejecting empty, unknown and oversized inputs."""
+    """Open the header only (no pixel decoding), rejecting empty, unknown and oversized inputs.
+
+    ``max_pixels`` is the only size limit: Pillow's own (``Image.MAX_IMAGE_PIXELS``, 179M) is lifted while
+    the header is read, so a larger ``max_pixels`` works.
+    """
     if not data:
         raise UnusableImage("empty file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as err:
-            raise UnusableImage(f"decompression bomb: {err}") from None
-        except (OSError, SyntaxError, ValueError) as err:
-            raise UnusableImage(f"not an image ({err})") from None
+    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnusableImage("not an image (format not recognised)") from None  # Pillow's message has an address
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UnusableImage(f"not an image ({err})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
     width, height = image.size
     if width < 1 or height < 1:
         raise UnusableImage(f"image has no pixels ({width}x{height})")
@@ -95,8 +101,9 @@ def _decode_with_pillow(image: Image.Image, reduction: int) -> np.ndarray:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise UnusableImage(f"corrupt or truncated image ({err})") from None
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-    if has_alpha:
+    if image.mode in SIXTEEN_BIT_GREY:  # convert("RGB") would clip at 255: keep the 8 high bits instead
+        image = Image.fromarray((np.asarray(image).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8))
+    elif image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # alpha, or a transparent colour
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(white, rgba)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+import tracemalloc
 import zlib
 
 import cv2
@@ -18,6 +19,7 @@ from preprocess.transcode import (
     decode_rgb,
     encode_jpeg,
     is_truncated_jpeg,
+    probe,
     reduction_factor,
     resize_center_crop,
     transcode,
@@ -87,6 +89,20 @@ def test_greyscale_png_named_jpeg_rgba_and_palette_inputs():
     assert np.array_equal(decode_rgb(pil_bytes(palette, "GIF"), size=24), np.asarray(palette.convert("RGB")))
 
 
+def test_sixteen_bit_greyscale_keeps_its_high_bits_and_a_transparent_colour_becomes_white():
+    grey16 = np.array([[0, 255, 32768, 65535]], np.uint16)
+    decoded = decode_rgb(pil_bytes(Image.fromarray(grey16), "PNG"), size=1)
+    assert np.array_equal(decoded[..., 0], [[0, 0, 128, 255]]) and np.array_equal(decoded[..., 0], decoded[..., 2])
+
+    rgb = smooth_image(8, 8, seed=5)
+    rgb[0, 0] = (1, 2, 3)
+    for image, key in ((Image.fromarray(rgb), (1, 2, 3)), (Image.fromarray(rgb[..., 0]), 1)):
+        decoded = decode_rgb(pil_bytes(image, "PNG", transparency=key), size=8)  # PNG's tRNS colour key
+        assert np.array_equal(decoded[0, 0], [255, 255, 255]) and np.array_equal(
+            decoded[4, 4], np.asarray(image.convert("RGB"))[4, 4]
+        )
+
+
 def test_exif_orientation_is_ignored():
     rgb = smooth_image(20, 50)
     exif = Image.Exif()
@@ -105,8 +121,9 @@ def test_exif_orientation_is_ignored():
     ids=["empty", "text", "truncated"],
 )
 def test_unusable_inputs_are_rejected_with_a_reason(data, reason):
-    with pytest.raises(UnusableImage, match=reason):
+    with pytest.raises(UnusableImage, match=reason) as caught:
         transcode(data, size=32, quality=90)
+    assert " at 0x" not in str(caught.value)  # no object address: rejected.jsonl is the same from run to run
 
 
 def png_claiming_size(width: int, height: int) -> bytes:
@@ -128,6 +145,7 @@ def test_truncation_means_a_scan_without_an_end_of_image_after_it():
 def test_decompression_bomb_is_rejected_from_its_header():
     with pytest.raises(UnusableImage, match="decompression bomb"):
         transcode(png_claiming_size(60_000, 60_000), size=32, quality=90)
+    assert probe(png_claiming_size(20_000, 10_000), max_pixels=400_000_000).size == (20_000, 10_000)  # > Pillow's limit
     with pytest.raises(UnusableImage, match="max_pixels=1000"):
         transcode(jpeg_bytes(smooth_image(40, 40)), size=32, quality=90, max_pixels=1000)
 
@@ -183,6 +201,19 @@ def test_area_shrink_is_the_mean_over_each_output_pixels_footprint(height: int, 
     assert np.abs(out - exact).max() <= 0.5 + 1e-3  # the exact area mean, rounded
     opencv = cv2.resize(np.ascontiguousarray(square.astype(np.uint8)), (size, size), interpolation=cv2.INTER_AREA)
     assert np.abs(out.astype(int) - opencv).max() <= 1
+
+
+def test_area_shrink_memory_does_not_grow_with_the_number_of_source_sizes():
+    rng = np.random.default_rng(4)
+    resize_center_crop(rng.integers(0, 256, (640, 640, 3), dtype=np.uint8), 256)  # the largest intermediates
+    tracemalloc.start()
+    try:
+        for side in range(257, 640, 9):  # ImageNet's sources come in hundreds of sizes
+            resize_center_crop(rng.integers(0, 256, (side, side + 3, 3), dtype=np.uint8), 256)
+        kept, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert kept < 1_000_000  # one set of float intermediates per size would keep ~90 MB here
 
 
 def test_pixel_moments_are_exact_integer_sums_over_long_rows():
