@@ -132,11 +132,19 @@ def claim_out(out: Path, plan: dict) -> None:
     """
     plan_path = out / PARTS_DIR / PLAN_FILE
     if not plan_path.is_file():
+        if (out / META_FILE).is_file():
+            raise DatasetError(
+                f"out {out} holds finished shards but no {PARTS_DIR}/{PLAN_FILE} (deleted?), so nothing to resume: "
+                f"check them with `python -m preprocess.verify out={out}`, or choose a new out= folder"
+            )
         if out.is_file() or (out.is_dir() and any(path.name != PARTS_DIR for path in out.iterdir())):
             raise DatasetError(
                 f"out {out} exists and was not written by this build_shards run: choose a new or empty out= folder"
             )
-        (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        try:
+            (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DatasetError(f"cannot create out {out} ({err.strerror}): choose a folder you can write to") from None
         write_json_atomic(plan_path, plan)
     old = json.loads(plan_path.read_text())
     if old.get("fingerprint") != plan["fingerprint"]:
@@ -253,11 +261,11 @@ def merge_parts(out: Path, dataset: Dataset, tasks: Sequence[ShardTask], setting
         if info["count"]:
             splits[task.split]["shards"].append(info)
             splits[task.split]["count"] += info["count"]
+    write_text_atomic(out / REJECTED_FILE, "".join(json.dumps(entry) + "\n" for entry in rejected))
     if "train" in splits:
         if stats.images == 0:
             raise DatasetError(f"no training image could be used (see {out / REJECTED_FILE})")
         stats.finalize().save(out)
-    write_text_atomic(out / REJECTED_FILE, "".join(json.dumps(entry) + "\n" for entry in rejected))
     meta = {
         "classes": [{"index": i, "wnid": wnid, "name": name} for i, (wnid, name) in enumerate(dataset.classes)],
         "splits": splits,
@@ -270,6 +278,16 @@ def merge_parts(out: Path, dataset: Dataset, tasks: Sequence[ShardTask], setting
 
 def _progress_bar(total: int, enabled: bool) -> tqdm:
     return tqdm(total=total, unit="img", smoothing=0.05, dynamic_ncols=True, disable=not enabled)
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_integer(name: str, value: object, low: int, high: int | None) -> None:
+    if not _is_integer(value) or value < low or (high is not None and value > high):
+        bounds = f"within {low}..{high}" if high is not None else f">= {low}"
+        raise DatasetError(f"{name}={value!r} must be an integer {bounds}")
 
 
 def build_shards(
@@ -291,10 +309,20 @@ def build_shards(
     (``summary_line`` formats it; the command line prints it)."""
     if src is None or out is None:
         raise DatasetError("both src= (the ImageNet download) and out= (a new folder for the shards) are required")
-    if image_size < 1 or shard_size < 1 or not 1 <= quality <= 100 or max_pixels < 1:
-        raise DatasetError("image_size, shard_size and max_pixels must be positive and quality within 1..100")
-    if (part is None) != (parts is None) or (parts is not None and not 0 <= part < parts):
-        raise DatasetError(f"part={part} parts={parts}: give both, with 0 <= part < parts (or neither)")
+    for name, value, low, high in (
+        ("image_size", image_size, 1, None),
+        ("quality", quality, 1, 100),
+        ("shard_size", shard_size, 1, None),
+        ("seed", seed, 0, None),
+        ("max_pixels", max_pixels, 1, None),
+        ("workers", 1 if workers is None else workers, 1, None),
+    ):
+        _check_integer(name, value, low, high)
+    if (part is None) != (parts is None) or (
+        parts is not None and not (_is_integer(part) and _is_integer(parts) and 0 <= part < parts)
+    ):
+        raise DatasetError(f"part={part} parts={parts}: give both, integers with 0 <= part < parts (or neither)")
+    splits = [splits] if isinstance(splits, str) else list(splits)
     started = time.perf_counter()
     out = Path(out)
     dataset = scan(src, splits)

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import tarfile
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,13 +187,19 @@ class PixelStats:
             raise DatasetError(
                 f"{path} not found: run `python -m preprocess.build_shards` to compute the training statistics"
             )
-        with np.load(path) as data:
-            missing = [name for name in cls.FIELDS if name not in data]
-            if missing:
-                raise DatasetError(f"{path} lacks {missing}: it was not written by preprocess.build_shards; rebuild it")
-            return cls(
-                **{
-                    name: (int(data[name]) if name == "pixels" else data[name].astype(np.float64))
-                    for name in cls.FIELDS
-                }
-            )
+        try:
+            with np.load(path) as data:
+                missing = [name for name in cls.FIELDS if name not in data]
+                if missing:
+                    raise DatasetError(f"{path} lacks {missing}: it was not written by preprocess.build_shards")
+                return cls(
+                    **{
+                        name: (int(data[name]) if name == "pixels" else data[name].astype(np.float64))
+                        for name in cls.FIELDS
+                    }
+                )
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise DatasetError(
+                f"{path} is damaged ({type(err).__name__}: {err}): re-run the preprocess.build_shards command "
+                "that wrote this folder, which rewrites it from its parts"
+            ) from None

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -266,6 +267,37 @@ def test_out_folder_of_another_dataset_is_refused(shard_root, digits_src, tmp_pa
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(DatasetError, match="was not written by this build_shards"):
         build_shards(digits_src, foreign, image_size=SIZE, workers=1, show_progress=False)
+    with pytest.raises(DatasetError, match="cannot create out"):
+        build_shards(digits_src, foreign / "notes.txt" / "out", image_size=SIZE, workers=1, show_progress=False)
+    finished = shutil.copytree(shard_root, tmp_path / "finished", ignore=shutil.ignore_patterns("parts"))
+    with pytest.raises(DatasetError, match="holds finished shards but no parts/plan.json"):
+        build_shards(digits_src, finished, image_size=SIZE, workers=1, show_progress=False)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ({"image_size": "abc"}, "image_size='abc' must be an integer >= 1"),
+        ({"quality": 101}, "quality=101 must be an integer within 1..100"),
+        ({"workers": "all"}, "workers='all' must be an integer >= 1"),
+        ({"seed": -1}, "seed=-1 must be an integer >= 0"),
+        ({"shard_size": True}, "shard_size=True must be an integer"),
+        ({"part": 2, "parts": 2}, "0 <= part < parts"),
+    ],
+)
+def test_bad_options_are_one_line_errors_before_any_work(option, message, digits_src, tmp_path):
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        build_shards(digits_src, tmp_path / "out", show_progress=False, **option)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_without_one_usable_training_image_still_lists_why(tmp_path):
+    (tmp_path / "src" / "train" / "n0").mkdir(parents=True)
+    (tmp_path / "src" / "train" / "n0" / "x.JPEG").write_bytes(b"not a picture")
+    with pytest.raises(DatasetError, match="no training image could be used"):
+        build_shards(tmp_path / "src", tmp_path / "out", splits=["train"], workers=1, show_progress=False)
+    [entry] = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert entry["path"].endswith("x.JPEG") and "not an image" in entry["reason"]
 
 
 def test_cli_prints_one_line_errors_and_help(tmp_path):
@@ -314,6 +346,10 @@ def test_verify_accepts_good_shards_and_catches_tampering(shard_root, tmp_path):
     rewrite_shard(root, "val", samples[:-1], update_meta=True)
     assert any("39 samples, meta.json says 40" in p for p in verify(root))
 
+    stats = root / "stats.npz"
+    stats.write_bytes(stats.read_bytes()[: stats.stat().st_size // 2])
+    assert any("stats.npz is damaged" in p for p in verify(root))
+
     result = run_cli("preprocess.verify", f"out={root}")
-    assert result.returncode == 1 and "problem" in result.stderr
+    assert result.returncode == 1 and "problem" in result.stderr and "Traceback" not in result.stderr
     assert run_cli("preprocess.verify", f"out={shard_root}").returncode == 0
