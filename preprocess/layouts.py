@@ -15,10 +15,14 @@ sorted wnid order); they are mapped through meta.mat to wnids, then to the sorte
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
 import io
 import os
+import re
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -81,27 +85,51 @@ class Dataset:
 
 
 def sample_key(file_name: str) -> str:
-    """The sample key of a file: its stem, with any further dots made underscores (keys may hold no dot)."""
+    """The sample key of a file: its stem, with further dots and any whitespace made underscores (webdataset and
+    DALI split key and extension at the first dot; DALI's index files separate fields by whitespace)."""
     name = PurePosixPath(file_name).name
     stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
-    return stem.replace(".", "_")
+    return re.sub(r"[.\s]", "_", stem)
 
 
-def _files(folder: Path) -> list[Path]:
+def _files(folder: Path, unusable: list[dict]) -> list[Path]:
+    """The files of ``folder``, sorted; anything else in it (a folder, a broken link) is listed as unusable."""
+    files = []
     with os.scandir(folder) as entries:  # DirEntry.is_file() needs no stat call: fast on 1.3M files
-        return sorted(Path(entry.path) for entry in entries if entry.is_file())
+        for entry in entries:
+            if entry.is_file():
+                files.append(Path(entry.path))
+            elif entry.is_dir():
+                unusable.append({"path": entry.path, "reason": f"a folder inside {folder}: its files are not read"})
+            else:
+                unusable.append({"path": entry.path, "reason": "not a file (a broken symbolic link?)"})
+    return sorted(files)
 
 
-def _class_folders(split_dir: Path) -> Iterator[Record]:
-    for class_dir in sorted(path for path in split_dir.iterdir() if path.is_dir()):
-        for path in _files(class_dir):
-            yield Record(sample_key(path.name), class_dir.name, str(path))
+def _class_folders(split_dir: Path, unusable: list[dict]) -> Iterator[Record]:
+    """``split_dir/<wnid>/<file>`` records; files directly in ``split_dir`` are listed as unusable."""
+    for entry in sorted(split_dir.iterdir()):
+        if entry.is_dir():
+            for path in _files(entry, unusable):
+                yield Record(sample_key(path.name), entry.name, str(path))
+        else:
+            reason = f"not inside a class folder: expected {split_dir}/<wnid>/{entry.name}"
+            unusable.append({"path": str(entry), "reason": reason})
 
 
-def _flat_folder(folder: Path, labels: dict[str, str]) -> Iterator[Record]:
-    for path in _files(folder):
+def _flat_folder(folder: Path, labels: dict[str, str], unusable: list[dict]) -> Iterator[Record]:
+    for path in _files(folder, unusable):
         key = sample_key(path.name)
         yield Record(key, labels.get(key, ""), str(path))
+
+
+@contextlib.contextmanager
+def _reading(path: Path, fix: str) -> Iterator[None]:
+    """A damaged or truncated archive (or file inside it) as one DatasetError line instead of a traceback."""
+    try:
+        yield
+    except (tarfile.TarError, EOFError, OSError, ValueError, KeyError, zlib.error) as err:
+        raise DatasetError(f"{path} is damaged or truncated ({type(err).__name__}: {err}): {fix}") from None
 
 
 def _open_tar(path: Path) -> tarfile.TarFile:
@@ -116,7 +144,7 @@ def _open_inner_tar(outer: tarfile.TarFile, member: tarfile.TarInfo, path: Path)
         return tarfile.open(fileobj=outer.extractfile(member), mode="r:")
     except tarfile.ReadError:
         raise DatasetError(
-            f"{path} holds {member.name}, not a per-class tar: is it ILSVRC2012_img_train.tar?"
+            f"{path} holds {member.name}, not a readable per-class tar: is it the whole ILSVRC2012_img_train.tar?"
         ) from None
 
 
@@ -127,7 +155,7 @@ def _tar_files(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 def _train_tar(path: Path) -> Iterator[Record]:
     """Records of a tar of per-class tars, with absolute offsets into the outer tar: nothing is extracted."""
     tar_path = str(path)  # one string shared by all 1.3M records
-    with _open_tar(path) as outer:
+    with _reading(path, "download it again"), _open_tar(path) as outer:
         for member in _tar_files(outer):
             wnid = sample_key(member.name)
             with _open_inner_tar(outer, member, path) as inner:
@@ -138,12 +166,12 @@ def _train_tar(path: Path) -> Iterator[Record]:
 
 
 def _train_tar_wnids(path: Path) -> list[str]:
-    with _open_tar(path) as outer:
+    with _reading(path, "download it again"), _open_tar(path) as outer:
         return sorted({sample_key(member.name) for member in _tar_files(outer)})
 
 
 def _flat_tar(path: Path, labels: dict[str, str]) -> Iterator[Record]:
-    with _open_tar(path) as tar:
+    with _reading(path, "download it again"), _open_tar(path) as tar:
         for member in _tar_files(tar):
             key = sample_key(member.name)
             yield Record(key, labels.get(key, ""), str(path), member.offset_data, member.size, f"{path}/{member.name}")
@@ -164,7 +192,7 @@ def _devkit_files(src: Path) -> tuple[bytes, str] | None:
         ground_truth = folder / GROUND_TRUTH
         return (folder / META_MAT).read_bytes(), ground_truth.read_text() if ground_truth.is_file() else ""
     if archive.is_file():
-        with tarfile.open(archive, "r:*") as tar:
+        with _reading(archive, "download the devkit again"), tarfile.open(archive, "r:*") as tar:
             files = {member.name: member for member in _tar_files(tar)}
 
             def read(name: str) -> bytes:
@@ -182,7 +210,8 @@ def read_devkit_synsets(meta_mat: bytes) -> tuple[dict[int, str], dict[str, str]
     """meta.mat -> ({ILSVRC2012_ID: wnid}, {wnid: words}) of the leaf classes (num_children == 0)."""
     from scipy.io import loadmat
 
-    synsets = loadmat(io.BytesIO(meta_mat), squeeze_me=True)["synsets"]
+    with _reading(Path(DEVKIT) / META_MAT, "download the devkit again"):
+        synsets = loadmat(io.BytesIO(meta_mat), squeeze_me=True)["synsets"]
     ids, names = {}, {}
     for synset in synsets.ravel():
         if int(synset["num_children"]) == 0:
@@ -208,7 +237,11 @@ def kaggle_val_labels(csv_path: Path) -> dict[str, str]:
     if not csv_path.is_file():
         raise DatasetError(f"{csv_path} not found: the Kaggle layout needs it for validation labels")
     with csv_path.open(newline="") as file:
-        return {row["ImageId"]: row["PredictionString"].split()[0] for row in csv.DictReader(file)}
+        rows = list(csv.DictReader(file))
+    if rows and not {"ImageId", "PredictionString"} <= set(rows[0]):
+        raise DatasetError(f"{csv_path} has no ImageId and PredictionString columns: is it Kaggle's {KAGGLE_VAL_CSV}?")
+    predictions = {row["ImageId"]: (row["PredictionString"] or "").split() for row in rows}
+    return {image_id: tokens[0] for image_id, tokens in predictions.items() if tokens}  # no class: no label
 
 
 def _require(split: str, found: bool, src: Path, what: str) -> None:
@@ -219,20 +252,20 @@ def _require(split: str, found: bool, src: Path, what: str) -> None:
 
 
 def _scan_imagefolder(src: Path, splits: Iterable[str]) -> Dataset:
-    records = {}
+    records, unusable = {}, []
     for split in splits:
         _require(split, (src / split).is_dir(), src, f"{split}/<wnid>/")
-        records[split] = list(_class_folders(src / split))
+        records[split] = list(_class_folders(src / split, unusable))
     names = _read_synset_mapping(src / SYNSET_MAPPING)
     source = src / "train" if (src / "train").is_dir() else src / "val"
     wnids = sorted(path.name for path in source.iterdir() if path.is_dir())
-    return Dataset("imagefolder", [(wnid, names.get(wnid, wnid)) for wnid in wnids], records)
+    return Dataset("imagefolder", [(wnid, names.get(wnid, wnid)) for wnid in wnids], records, unusable)
 
 
 def _scan_official(src: Path, splits: Iterable[str]) -> Dataset:
     devkit = _devkit_files(src)
     ids, names = read_devkit_synsets(devkit[0]) if devkit else ({}, {})
-    records = {}
+    records, unusable = {}, []
     for split in splits:
         if split == "train":
             _require(split, (src / TRAIN_TAR).is_file(), src, TRAIN_TAR)
@@ -245,26 +278,26 @@ def _scan_official(src: Path, splits: Iterable[str]) -> Dataset:
             records[split] = list(_flat_tar(src / VAL_TAR, labels))
         else:
             _require(split, (src / VAL_DIR).is_dir(), src, f"{VAL_TAR} or {VAL_DIR}/")
-            records[split] = list(_flat_folder(src / VAL_DIR, labels))
+            records[split] = list(_flat_folder(src / VAL_DIR, labels, unusable))
     wnids = _train_tar_wnids(src / TRAIN_TAR) if (src / TRAIN_TAR).is_file() else sorted(ids.values())
-    return Dataset("official", [(wnid, names.get(wnid, wnid)) for wnid in wnids], records)
+    return Dataset("official", [(wnid, names.get(wnid, wnid)) for wnid in wnids], records, unusable)
 
 
 def _scan_kaggle(src: Path, splits: Iterable[str]) -> Dataset:
     root = src / KAGGLE_ROOT
-    records = {}
+    records, unusable = {}, []
     for split in splits:
         _require(split, (root / split).is_dir(), src, f"{KAGGLE_ROOT}/{split}/")
         if split == "train":
-            records[split] = list(_class_folders(root / split))
+            records[split] = list(_class_folders(root / split, unusable))
         else:
-            records[split] = list(_flat_folder(root / split, kaggle_val_labels(src / KAGGLE_VAL_CSV)))
+            records[split] = list(_flat_folder(root / split, kaggle_val_labels(src / KAGGLE_VAL_CSV), unusable))
     names = _read_synset_mapping(src / SYNSET_MAPPING)
     if (root / "train").is_dir():
         wnids = sorted(path.name for path in (root / "train").iterdir() if path.is_dir())
     else:
         wnids = sorted(names)
-    return Dataset("kaggle", [(wnid, names.get(wnid, wnid)) for wnid in wnids], records)
+    return Dataset("kaggle", [(wnid, names.get(wnid, wnid)) for wnid in wnids], records, unusable)
 
 
 def detect_layout(src: Path) -> str:
@@ -280,12 +313,26 @@ def detect_layout(src: Path) -> str:
     raise DatasetError(f"src {src} holds no dataset layout that build_shards knows: {EXPECTED}")
 
 
+def _class_prefixed_keys(records: list[Record]) -> list[Record]:
+    """Keys made unique where a file name repeats across classes (``0001.jpg`` in every class folder, as many
+    non-ImageNet datasets have): those records' keys become ``<wnid>_<key>``. ImageNet's never repeat."""
+    classes_of: dict[str, set[str]] = {}
+    for record in records:
+        classes_of.setdefault(record.key, set()).add(record.wnid)
+    return [
+        dataclasses.replace(record, key=f"{sample_key(record.wnid)}_{record.key}")
+        if len(classes_of[record.key]) > 1
+        else record
+        for record in records
+    ]
+
+
 def _drop_unusable(dataset: Dataset) -> Dataset:
     """Move records without a known class, or repeating an earlier key of their split, to ``unusable``."""
     known = dataset.class_index
     for split, records in dataset.records.items():
         kept, seen = [], set()
-        for record in records:
+        for record in _class_prefixed_keys(records):
             if not record.wnid:
                 dataset.unusable.append({"path": record.where, "reason": f"no {split} label for key {record.key}"})
             elif record.wnid not in known:
@@ -315,4 +362,12 @@ def scan(src: str | Path, splits: Iterable[str] = ("train", "val")) -> Dataset:
         raise DatasetError(f"src {src} has no class folders or labels: {EXPECTED}")
     dataset = _drop_unusable(dataset)
     dataset.records = {split: sorted(records, key=lambda r: r.key) for split, records in dataset.records.items()}
+    for split, records in dataset.records.items():
+        if not records:
+            first = dataset.unusable[0] if dataset.unusable else None
+            example = f", e.g. {first['path']}: {first['reason']}" if first else ""
+            raise DatasetError(
+                f"src {src} has no usable {split} images ({len(dataset.unusable)} inputs unusable{example}): "
+                f"add them or leave {split} out of splits="
+            )
     return dataset

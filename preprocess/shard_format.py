@@ -10,8 +10,9 @@ here, so the contract is stated once::
     out/<split>/<split>-NNNNNN.idx   DALI index of the shard beside it
 
 A sample is ``<key>.jpg`` (the image), ``<key>.cls`` (class index, ASCII decimal) and ``<key>.lbl``
-(the same index as a 4-byte little-endian int32, which DALI reads directly). Keys never contain a dot:
-webdataset and DALI both split key and extension at the first dot.
+(the same index as a 4-byte little-endian int32, which DALI reads directly). Keys never contain a dot
+(webdataset and DALI both split key and extension at the first dot) or whitespace (DALI's index files
+separate their fields by whitespace).
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class Sample:
     label: int
 
     def __post_init__(self) -> None:
-        if "." in self.key or "/" in self.key or not self.key:
-            raise ValueError(f"sample key {self.key!r} must be non-empty and contain no '.' or '/'")
+        if not self.key or "." in self.key or "/" in self.key or any(c.isspace() for c in self.key):
+            raise ValueError(f"sample key {self.key!r} must be non-empty and contain no '.', '/' or whitespace")
 
 
 def shard_name(split: str, index: int) -> str:

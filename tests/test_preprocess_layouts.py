@@ -16,6 +16,7 @@ from scipy.io import savemat
 from preprocess.build_shards import build_shards
 from preprocess.layouts import detect_layout, sample_key, scan
 from preprocess.shard_format import DatasetError, PixelStats, read_meta
+from preprocess.verify import verify
 
 # devkit ILSVRC2012_IDs deliberately not in sorted-wnid order (as in the real meta.mat)
 SYNSETS = {1: ("n03000003", "gamma"), 2: ("n01000001", "alpha"), 3: ("n02000002", "beta")}
@@ -203,6 +204,64 @@ def test_sample_keys_are_stems_without_dots():
     assert sample_key("dir/ILSVRC2012_val_00000001.JPEG") == "ILSVRC2012_val_00000001"
     assert sample_key("photo.v2.jpg") == "photo_v2"
     assert sample_key(".DS_Store") == "_DS_Store"
+    assert sample_key("my photo\t2.jpg") == "my_photo_2"  # DALI's index files separate fields by whitespace
+
+
+def test_generic_imagefolder_names_stray_files_and_repeated_names(tmp_path):
+    """Not ImageNet: file names repeat across classes, files lie outside class folders, a link is broken."""
+    src = tmp_path / "src"
+    for wnid in ("cat", "dog"):
+        for name in ("0001.jpg", "0002.jpg", "my photo.jpg"):
+            (src / "train" / wnid).mkdir(parents=True, exist_ok=True)
+            (src / "train" / wnid / name).write_bytes(photo_jpeg(len(name)))
+    (src / "train" / "cat" / "0001.png").write_bytes(photo_jpeg(7))  # same class, same key as 0001.jpg
+    (src / "train" / "loose.jpg").write_bytes(photo_jpeg(8))
+    (src / "train" / "dog" / "nested").mkdir()
+    (src / "train" / "dog" / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    dataset = scan(src, ("train",))
+    keys = {record.key: record.wnid for record in dataset.records["train"]}
+    assert keys == {f"{w}_{k}": w for w in ("cat", "dog") for k in ("0001", "0002", "my_photo")}
+    reasons = {Path(entry["path"]).name: entry["reason"] for entry in dataset.unusable}
+    assert set(reasons) == {"0001.png", "loose.jpg", "nested", "broken.jpg"}
+    assert "duplicate sample key cat_0001" in reasons["0001.png"] and "class folder" in reasons["loose.jpg"]
+
+    out = tmp_path / "out"
+    summary = build_shards(src, out, splits=["train"], image_size=32, workers=1, show_progress=False)
+    assert summary["counts"] == {"train": 6} and summary["rejected"] == 4
+    assert verify(out) == []  # its checks include the DALI index of every shard, keys with spaces made _
+
+
+def test_flat_val_folder_in_imagefolder_layout_is_one_clear_line(sources, tmp_path):
+    src = shutil.copytree(sources["imagefolder"], tmp_path / "src")
+    for path in list((src / "val").rglob("*.JPEG")):
+        path.rename(src / "val" / path.name)
+    for folder in [p for p in (src / "val").iterdir() if p.is_dir()]:
+        folder.rmdir()
+    with pytest.raises(DatasetError, match=r"no usable val images \(7 inputs unusable, e.g. .*not inside a class"):
+        scan(src, ("train", "val"))
+
+
+def test_damaged_archives_and_label_files_are_one_clear_line(sources, tmp_path):
+    src = shutil.copytree(sources["official"], tmp_path / "src")
+    train_tar = src / "ILSVRC2012_img_train.tar"
+    train_tar.write_bytes(train_tar.read_bytes()[: train_tar.stat().st_size // 2])  # an interrupted download
+    with pytest.raises(DatasetError, match="is damaged or truncated.*download it again"):
+        scan(src, ("train",))
+    devkit = src / "ILSVRC2012_devkit_t12.tar.gz"
+    devkit.write_bytes(devkit.read_bytes()[:200])
+    with pytest.raises(DatasetError, match="ILSVRC2012_devkit_t12.tar.gz is damaged or truncated"):
+        scan(src, ("val",))
+
+    kaggle = shutil.copytree(sources["kaggle"], tmp_path / "kaggle")
+    solution = kaggle / "LOC_val_solution.csv"
+    lines = solution.read_text().splitlines()
+    first_id = lines[1].split(",")[0]
+    solution.write_text("\n".join([lines[0], f"{first_id},", *lines[2:]]) + "\n")  # a row without a box
+    dataset = scan(kaggle, ("val",))
+    assert [entry["reason"] for entry in dataset.unusable] == [f"no val label for key {first_id}"]
+    solution.write_text("id,label\nx,y\n")
+    with pytest.raises(DatasetError, match="no ImageId and PredictionString columns"):
+        scan(kaggle, ("val",))
 
 
 def test_unknown_or_incomplete_sources_get_one_clear_line(sources, tmp_path):
@@ -223,7 +282,7 @@ def test_unknown_or_incomplete_sources_get_one_clear_line(sources, tmp_path):
     with pytest.raises(DatasetError, match="not an uncompressed tar"):
         scan(gz, ("train",))
     (gz / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes({"README.txt": b"not a class tar\n"}))
-    with pytest.raises(DatasetError, match="holds README.txt, not a per-class tar"):
+    with pytest.raises(DatasetError, match="holds README.txt, not a readable per-class tar"):
         scan(gz, ("train",))
     train_only = shutil.copytree(sources["imagefolder"], tmp_path / "train-only")
     shutil.rmtree(train_only / "val")
