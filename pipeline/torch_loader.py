@@ -175,6 +175,9 @@ class TorchBackend:
             num_workers=workers,
             prefetch_factor=self.prefetch if workers else None,
             pin_memory=self.pin_memory,
+            # starting an epoch draws the workers' base seed; from the global generator, that draw would shift
+            # the trainer's dropout masks after a resume (the stream seeds itself from seed and epoch)
+            generator=torch.Generator().manual_seed(epoch),
         )
         yield from loader
 

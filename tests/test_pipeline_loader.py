@@ -235,3 +235,13 @@ def test_held_batches_are_not_overwritten_by_later_ones(shard_root: Path) -> Non
         for images, _ in loader:
             images.add_(1.0)  # the trainer may work in place
     assert all(torch.equal(kept, copy) for kept, copy in held)
+
+
+def test_a_torch_loader_epoch_leaves_the_global_random_state_alone(shard_root: Path) -> None:
+    """Starting a DataLoader draws a seed; from torch's global generator, a resumed run's dropout would shift."""
+    cfg = {"root": str(shard_root), "loader": "torch", "batch_size": 16, "crop_size": 64, "threads": 2}
+    loader = build_loader(cfg, "train", "train")
+    state = torch.get_rng_state()
+    for _ in loader:
+        pass
+    assert torch.equal(torch.get_rng_state(), state)

@@ -96,6 +96,15 @@ def error_rates(model: torch.nn.Module, shard_root: Path, mode: str) -> tuple[fl
     return wrong1 / total, wrong5 / total
 
 
+def tensorboard_steps(run_dir: Path) -> dict[str, list[int]]:
+    """The steps of each scalar as TensorBoard shows them (events after a purge step dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [event.step for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
 def test_two_rank_training_writes_every_output(reference_run: Path, shard_root: Path) -> None:
     steps, epochs = records(reference_run, "step"), records(reference_run, "epoch")
     assert [r["step"] for r in steps] == list(range(1, 21))  # 160 train images, 16 a step: 10 steps an epoch
@@ -155,6 +164,9 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(reference_run: Path
     # metrics.jsonl reads as one run: every step once, the same losses as the uninterrupted run
     assert [r["step"] for r in records(run_dir, "step")] == list(range(1, 21))
     assert [r["loss"] for r in records(run_dir, "epoch")] == [r["loss"] for r in records(reference_run, "epoch")]
+    # so does TensorBoard: the resume purges only what came after the checkpoint's step
+    scalars = tensorboard_steps(run_dir)
+    assert scalars["step/loss"] == list(range(1, 21)) and scalars["epoch/val_top1_err"] == [10, 20]
 
 
 def test_torchrun_ranks_train_exactly_like_spawned_ones(reference_run: Path, shard_root: Path, tmp_path: Path) -> None:

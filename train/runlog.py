@@ -71,7 +71,10 @@ class RunLog:
         self.metrics_path = run_dir / METRICS_FILE
         truncate_after(self.metrics_path, resume_step)
         self.metrics = open(self.metrics_path, "a")  # noqa: SIM115 - open for the whole run, closed in close()
-        self.tensorboard = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=resume_step or None)
+        # TensorBoard hides the events at and after purge_step: keep the checkpoint's step, as metrics.jsonl does
+        self.tensorboard = SummaryWriter(
+            str(run_dir / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step else None
+        )
 
     def _write(self, record: dict[str, Any], scalars: tuple[str, ...], prefix: str) -> None:
         self.metrics.write(json.dumps(record) + "\n")
