@@ -17,6 +17,7 @@ separate their fields by whitespace).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -139,6 +140,11 @@ def read_meta(root: str | Path) -> dict:
         return json.loads(meta_path.read_text())
     except json.JSONDecodeError as err:
         raise DatasetError(f"{meta_path} is not valid JSON ({err}); re-run preprocess.build_shards") from None
+
+
+def dataset_fingerprint(meta: dict) -> str:
+    """Names a shard folder's content (classes, settings, every shard's sha256) wherever the folder lies."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def shard_paths(root: str | Path, split: str, meta: dict | None = None) -> list[Path]:

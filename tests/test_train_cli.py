@@ -169,6 +169,29 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(reference_run: Path
     assert scalars["step/loss"] == list(range(1, 21)) and scalars["epoch/val_top1_err"] == [10, 20]
 
 
+def test_resume_refuses_other_settings_or_other_data_but_not_moved_data(
+    reference_run: Path, shard_root: Path, tmp_path: Path
+) -> None:
+    run_dir = shutil.copytree(reference_run, tmp_path / "run")
+    overrides = two_rank_overrides(shard_root, run_dir)
+
+    def resume(*extra: str, root: Path = shard_root) -> subprocess.CompletedProcess:
+        return train(tmp_path, *[o for o in overrides if not o.startswith("data.root=")], f"data.root={root}", *extra)
+
+    other = shutil.copytree(shard_root, tmp_path / "other")
+    meta = json.loads((other / "meta.json").read_text())
+    meta["settings"]["seed"] = 1  # as if built with another shuffle
+    (other / "meta.json").write_text(json.dumps(meta))
+    for result, expected in (
+        (resume("optim.lr=0.001"), "optim.lr=0.01 -> 0.001"),
+        (resume(root=other), "other shards"),
+    ):
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
+    moved = resume(root=shutil.copytree(shard_root, tmp_path / "moved"))
+    assert moved.returncode == 0 and "resumed from" in moved.stdout, moved.stderr
+
+
 def test_torchrun_ranks_train_exactly_like_spawned_ones(reference_run: Path, shard_root: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

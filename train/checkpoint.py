@@ -9,6 +9,7 @@ A checkpoint (``checkpoints/last.pt``, ``checkpoints/best.pt``) is a dict::
     rng         per rank: the torch / CUDA / numpy / python random states
     loader      per rank: the training loader's state_dict()
     config      the whole resolved config, a plain dict (config["model"], config["data"], ...)
+    dataset     ``shard_format.dataset_fingerprint`` of the training data (a moved folder still matches)
     metrics     {"history": [epoch lines], "best_val_top1_err", "partial": sums of the epoch in progress}
 
 Files are trusted (this project writes them): ``torch.load(weights_only=False)`` restores numpy and python
@@ -31,6 +32,36 @@ REQUIRED_KEYS = ("model", "optimizer", "schedule", "epoch", "step", "rng", "load
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is one line naming the file and the fix."""
+
+
+RUN_SECTIONS = ("model", "optim", "schedule", "data")  # the settings that make a run what it is
+FREE_KEYS = ("data.root", "data.threads", "data.prefetch")  # where the data lies and how fast it is read
+
+
+def _flatten(config: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        return {prefix: config}
+    return {key: value for name, item in config.items() for key, value in _flatten(item, f"{prefix}.{name}").items()}
+
+
+def _run_settings(config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: value
+        for section in RUN_SECTIONS
+        for key, value in _flatten(config.get(section, {}), section).items()
+        if key not in FREE_KEYS
+    }
+
+
+def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key=old -> new`` for every setting in which ``current`` differs from the checkpointed run's ``saved``
+    config: resuming would silently continue that run (its optimizer state, learning rate and data order)."""
+    old, new = _run_settings(saved), _run_settings(current)
+    return [
+        f"{key}={old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
 
 
 def _temporary(path: Path) -> Path:

@@ -29,13 +29,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.loader import build_loader
-from preprocess.shard_format import DatasetError, write_json_atomic
+from preprocess.shard_format import DatasetError, dataset_fingerprint, write_json_atomic
 from train.checkpoint import (
     CheckpointError,
     capture_rng,
     copy_checkpoint,
     load_checkpoint,
     restore_rng,
+    resume_conflicts,
     save_checkpoint,
 )
 from train.config import ConfigError, TrainerConfig, check_batch
@@ -405,6 +406,7 @@ class Trainer:
             "rng": [state["rng"] for state in states],
             "loader": [state["loader"] for state in states],
             "config": self.config,
+            "dataset": dataset_fingerprint(self.train_loader.meta),
             "metrics": {
                 "history": self.history,
                 "best_val_top1_err": self.best_val_top1_err,
@@ -421,6 +423,15 @@ class Trainer:
     def load(self, path: Path) -> None:
         """Continue from a checkpoint: weights, optimizer, schedule, counters, this rank's loader and RNG."""
         checkpoint = load_checkpoint(path)
+        conflicts = resume_conflicts(checkpoint["config"], self.config)
+        dataset = dataset_fingerprint(self.train_loader.meta)
+        if checkpoint.get("dataset", dataset) != dataset:  # checkpoints from before the fingerprint: not checked
+            conflicts.insert(0, f"data.root={self.config['data']['root']} holds other shards than it was trained on")
+        if conflicts:
+            raise CheckpointError(
+                f"checkpoint {path} is another run ({'; '.join(conflicts[:3])}): resume it with its own settings, "
+                "or start a new run (another name= or hydra.run.dir=, or trainer.resume=never)"
+            )
         if len(checkpoint["loader"]) != self.world_size:
             raise CheckpointError(
                 f"checkpoint {path} was written by {len(checkpoint['loader'])} ranks, this run has {self.world_size}: "
