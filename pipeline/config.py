@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.lighting import LIGHTING_SCALES, MEAN_MODES, channel_std, lighting_matrix
+from preprocess.config_values import ConfigValueError, as_bool, as_choice, as_float, as_int, as_optional_int
 from preprocess.shard_format import DatasetError, PixelStats, read_meta, shard_paths
 
 MODES = ("train", "center", "tencrop")
@@ -28,12 +29,6 @@ DTYPES = ("float32", "float16", "bfloat16")
 def _get(cfg: Mapping, key: str, default: Any = None) -> Any:
     value = cfg.get(key, default) if hasattr(cfg, "get") else default
     return default if value is None and default is not None else value
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise DatasetError(f"data.{name}={value!r} is not one of {'|'.join(allowed)}")
-    return str(value)
 
 
 @dataclass(frozen=True)
@@ -56,36 +51,32 @@ class DataSpec:
 
     @classmethod
     def from_cfg(cls, cfg: Mapping) -> DataSpec:
-        """Validate a ``data`` group (dict or DictConfig); a bad value raises a one-line ``DatasetError``."""
+        """Validate a ``data`` group (dict or DictConfig), every key converted and checked (``preprocess.cli``);
+        a bad value raises a one-line ``DatasetError``."""
         root = _get(cfg, "root")
         if root in (None, "???", ""):
             raise DatasetError("data.root is not set: pass data.root=PATH (the out= folder of preprocess.build_shards)")
         lighting = cfg.get("lighting", {}) if hasattr(cfg, "get") else {}
         lighting = {"sigma": 0.0} if lighting is None else lighting  # data.lighting=null switches it off
-        spec = cls(
+        if not isinstance(lighting, Mapping):
+            raise ConfigValueError(f"data.lighting={lighting!r} must be a group (sigma, scale) or null")
+        return cls(
             root=Path(str(root)).expanduser(),
-            loader=_choice("loader", _get(cfg, "loader", "dali"), LOADERS),
-            device=_choice("device", _get(cfg, "device", "auto"), DEVICES),
-            batch_size=int(_get(cfg, "batch_size", 128)),
-            crop_size=int(_get(cfg, "crop_size", 224)),
-            random_crop=bool(_get(cfg, "random_crop", True)),
-            flip=bool(_get(cfg, "flip", True)),
-            lighting_sigma=float(_get(lighting, "sigma", 0.1)),
-            lighting_scale=_choice("lighting.scale", _get(lighting, "scale", "sqrt"), LIGHTING_SCALES),
-            mean=_choice("mean", _get(cfg, "mean", "pixel"), MEAN_MODES),
-            std=bool(_get(cfg, "std", False)),
-            dtype=_choice("dtype", _get(cfg, "dtype", "float32"), DTYPES),
-            threads=None if _get(cfg, "threads") is None else int(_get(cfg, "threads")),
-            shuffle_buffer=int(_get(cfg, "shuffle_buffer", 4096)),
-            prefetch=int(_get(cfg, "prefetch", 2)),
+            loader=as_choice("data.loader", _get(cfg, "loader", "dali"), LOADERS),
+            device=as_choice("data.device", _get(cfg, "device", "auto"), DEVICES),
+            batch_size=as_int("data.batch_size", _get(cfg, "batch_size", 128), low=1),
+            crop_size=as_int("data.crop_size", _get(cfg, "crop_size", 224), low=1),
+            random_crop=as_bool("data.random_crop", _get(cfg, "random_crop", True)),
+            flip=as_bool("data.flip", _get(cfg, "flip", True)),
+            lighting_sigma=as_float("data.lighting.sigma", _get(lighting, "sigma", 0.1), low=0),
+            lighting_scale=as_choice("data.lighting.scale", _get(lighting, "scale", "sqrt"), LIGHTING_SCALES),
+            mean=as_choice("data.mean", _get(cfg, "mean", "pixel"), MEAN_MODES),
+            std=as_bool("data.std", _get(cfg, "std", False)),
+            dtype=as_choice("data.dtype", _get(cfg, "dtype", "float32"), DTYPES),
+            threads=as_optional_int("data.threads", _get(cfg, "threads"), low=1),
+            shuffle_buffer=as_int("data.shuffle_buffer", _get(cfg, "shuffle_buffer", 4096), low=0),
+            prefetch=as_int("data.prefetch", _get(cfg, "prefetch", 2), low=1),
         )
-        if spec.batch_size < 1 or spec.crop_size < 1 or spec.lighting_sigma < 0 or spec.prefetch < 1:
-            raise DatasetError(
-                "data.batch_size, data.crop_size and data.prefetch must be >= 1, data.lighting.sigma >= 0"
-            )
-        if spec.threads is not None and spec.threads < 1:
-            raise DatasetError(f"data.threads={spec.threads} must be >= 1 (or null for cores / local ranks)")
-        return spec
 
     def threads_per_rank(self, world_size: int) -> int:
         """Explicit ``threads``, else this machine's cores shared by the ranks running on it."""
@@ -170,7 +161,7 @@ class SplitPlan:
 
 def plan_split(spec: DataSpec, meta: dict, split: str, mode: str, rank: int, world_size: int) -> SplitPlan:
     """Check the request against the shard folder and fix this rank's share of ``split``."""
-    _choice("mode", mode, MODES)
+    as_choice("mode", mode, MODES)
     if not 0 <= rank < world_size:
         raise DatasetError(f"rank {rank} is outside world_size {world_size}")
     if spec.batch_size % world_size:

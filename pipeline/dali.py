@@ -118,7 +118,9 @@ def augment_pipeline(
     casts after it). Otherwise (the CPU path) images are the decoded uint8 HWC images, for ``pipeline.crops``.
     """
     jpegs, labels = _read(plan, reader_seed, shuffle_buffer)
-    images = fn.decoders.image(jpegs, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    # on a GPU, libjpeg-turbo's chroma upsampling too: the pixels (and stats.npz) of the CPU decoder
+    decoder = {"device": "mixed", "jpeg_fancy_upsampling": True} if gpu else {"device": "cpu"}
+    images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
     labels = fn.reshape(labels, shape=[])
     info = [fn.get_property(jpegs, key="source_info")] if debug else []
     pixel_mean = norm.mean.ndim == 3
@@ -186,7 +188,10 @@ class MeanImage:
         if self.windows is None:
             images -= self.table
             return
-        x, y, mirror = (torch.as_tensor(np.asarray(v), device=images.device).long() for v in (crop_x, crop_y, flip))
+        draws = torch.from_numpy(np.stack([np.asarray(v, np.int64) for v in (crop_x, crop_y, flip)]))
+        if images.is_cuda:  # from pinned memory without blocking: a pageable copy would wait for the last step
+            draws = draws.pin_memory().to(images.device, non_blocking=True)
+        x, y, mirror = draws
         images -= self.windows[mirror, :, y, torch.where(mirror.bool(), self.far - x, x)]
 
 

@@ -23,6 +23,8 @@ from preprocess.shard_format import DatasetError
 
 
 class Backend(Protocol):
+    name: str  # part of a loader state's identity: a state restores only into a backend of the same name
+
     def epoch(self, epoch: int, start: int) -> Iterator[dict]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
@@ -57,6 +59,7 @@ class DaliBackend:
         from pipeline.dali import MeanImage, output_names
 
         in_graph = gpu if normalize_in_graph is None else normalize_in_graph
+        self.name = f"dali ({'normalizing on the GPU' if in_graph else 'decoding'} graph)"  # checkpoints fit one
         self._build = dict(
             spec=spec, seed=seed, gpu=gpu, normalize=in_graph, device_id=device_id, threads=threads, debug=debug
         )
@@ -116,7 +119,8 @@ class DaliBackend:
                 images = self._tensor(outputs["images"], real)
                 if self.mean_image is not None:
                     self.mean_image.subtract(images, *(d[:real] for d in draws[:3]))
-            batch = {"images": images, "labels": torch.from_numpy(np.array(outputs["labels"].as_tensor())[:real])}
+            labels = torch.from_numpy(np.array(outputs["labels"].as_tensor())[:real])
+            batch = {"images": images, "labels": labels.pin_memory() if self.gpu else labels}  # an async copy
             if self.debug:
                 batch.update(self._draws(outputs, draws, real))
             yield batch
@@ -141,7 +145,13 @@ class DaliBackend:
         return {"checkpoint": self.pipe.checkpoint(), "ran": self.ran}
 
     def load_state_dict(self, state: dict) -> None:
-        self.pipe = self._make(state["checkpoint"])
+        try:
+            self.pipe = self._make(state["checkpoint"])
+        except RuntimeError as err:
+            reason = str(err).strip().splitlines()[0]
+            raise DatasetError(
+                f"the DALI checkpoint does not fit this pipeline ({reason}): resume with the same data config"
+            ) from None
         self.ran = int(state["ran"])
 
 
@@ -187,7 +197,7 @@ class Loader:
             "world_size": plan.world_size,
             "batch": plan.batch,
             "count": plan.count,
-            "backend": type(self.backend).__name__,
+            "backend": self.backend.name,
         }
 
     def state_dict(self) -> dict:

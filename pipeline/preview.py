@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.lighting import mean_patch
 from pipeline.loader import build_loader
 from preprocess.cli import run_cli
+from preprocess.config_values import as_int
 from preprocess.shard_format import DatasetError
 
 
@@ -105,7 +106,8 @@ def preview(data_cfg: dict, split: str, n: int, out: str | Path, seed: int = 0, 
 def main(cfg: DictConfig) -> None:
     try:
         data = OmegaConf.to_container(cfg.data, resolve=True)
-        out = preview(data, cfg.split, int(cfg.n), cfg.out, seed=int(cfg.seed), mode=cfg.mode)
+        n, seed = as_int("n", cfg.n, low=1), as_int("seed", cfg.seed, low=0)
+        out = preview(data, cfg.split, n, cfg.out, seed=seed, mode=cfg.mode)
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

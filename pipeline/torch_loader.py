@@ -160,6 +160,8 @@ class ShardStream(IterableDataset):
 class TorchBackend:
     """Runs ``ShardStream`` in DataLoader workers; stateless apart from (epoch, batch) kept by the Loader."""
 
+    name = "torch"
+
     def __init__(
         self, spec: DataSpec, plan: SplitPlan, norm: Norm, *, seed: int, threads: int, pin_memory: bool
     ) -> None:

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from preprocess.cli import run_cli
+from preprocess.config_values import as_bool, as_int, as_optional_int
 from preprocess.layouts import Dataset, Record, scan
 from preprocess.shard_format import (
     META_FILE,
@@ -280,14 +281,17 @@ def _progress_bar(total: int, enabled: bool) -> tqdm:
     return tqdm(total=total, unit="img", smoothing=0.05, dynamic_ncols=True, disable=not enabled)
 
 
-def _is_integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_integer(name: str, value: object, low: int, high: int | None) -> None:
-    if not _is_integer(value) or value < low or (high is not None and value > high):
-        bounds = f"within {low}..{high}" if high is not None else f">= {low}"
-        raise DatasetError(f"{name}={value!r} must be an integer {bounds}")
+def _check_parts(part: object, parts: object) -> tuple[int | None, int | None]:
+    """Neither, or both as integers with ``0 <= part < parts``."""
+    problem = DatasetError(f"part={part} parts={parts}: give both, integers with 0 <= part < parts (or neither)")
+    if (part is None) != (parts is None):
+        raise problem
+    if parts is None:
+        return None, None
+    number, count = as_int("part", part, low=0), as_int("parts", parts, low=1)
+    if number >= count:
+        raise problem
+    return number, count
 
 
 def build_shards(
@@ -309,36 +313,31 @@ def build_shards(
     (``summary_line`` formats it; the command line prints it)."""
     if src is None or out is None:
         raise DatasetError("both src= (the ImageNet download) and out= (a new folder for the shards) are required")
-    for name, value, low, high in (
-        ("image_size", image_size, 1, None),
-        ("quality", quality, 1, 100),
-        ("shard_size", shard_size, 1, None),
-        ("seed", seed, 0, None),
-        ("max_pixels", max_pixels, 1, None),
-        ("workers", 1 if workers is None else workers, 1, None),
-    ):
-        _check_integer(name, value, low, high)
-    if (part is None) != (parts is None) or (
-        parts is not None and not (_is_integer(part) and _is_integer(parts) and 0 <= part < parts)
-    ):
-        raise DatasetError(f"part={part} parts={parts}: give both, integers with 0 <= part < parts (or neither)")
+    image_size = as_int("image_size", image_size, low=1)
+    quality = as_int("quality", quality, 1, 100)
+    shard_size = as_int("shard_size", shard_size, low=1)
+    seed = as_int("seed", seed, low=0)
+    max_pixels = as_int("max_pixels", max_pixels, low=1)
+    workers = as_optional_int("workers", workers, low=1)
+    show_progress = as_bool("show_progress", show_progress)
+    part, parts = _check_parts(part, parts)
     splits = [splits] if isinstance(splits, str) else list(splits)
     started = time.perf_counter()
     out = Path(out)
     dataset = scan(src, splits)
     settings = {
-        "image_size": int(image_size),
-        "quality": int(quality),
-        "seed": int(seed),
-        "shard_size": int(shard_size),
-        "max_pixels": int(max_pixels),
+        "image_size": image_size,
+        "quality": quality,
+        "seed": seed,
+        "shard_size": shard_size,
+        "max_pixels": max_pixels,
         "splits": list(dataset.records),
     }
     tasks = plan_tasks(dataset, out, settings)
     claim_out(out, {"settings": settings, "fingerprint": plan_fingerprint(tasks, dataset.classes, settings)})
     mine = [task for number, task in enumerate(tasks) if parts is None or number % parts == part]
     todo = [task for task in mine if not task.part_path.is_file()]
-    workers = len(os.sched_getaffinity(0)) if workers is None else int(workers)
+    workers = len(os.sched_getaffinity(0)) if workers is None else workers
     workers = max(1, min(workers, len(todo)))
     with _progress_bar(sum(len(task.items) for task in todo), show_progress) as bar:
         written = run_tasks(todo, workers, bar.update)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from preprocess.cli import run_cli
+from preprocess.config_values import as_optional_int
 from preprocess.shard_format import (
     CLASS_EXT,
     IMAGE_EXT,
@@ -155,7 +156,11 @@ def main(cfg: DictConfig) -> None:
     if cfg.out is None:
         print("error: out= is required: the folder written by preprocess.build_shards", file=sys.stderr)
         sys.exit(2)
-    workers = len(os.sched_getaffinity(0)) if cfg.workers is None else int(cfg.workers)
+    try:
+        workers = as_optional_int("workers", cfg.workers, low=1) or len(os.sched_getaffinity(0))
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     problems = verify(cfg.out, workers, show_progress=True)
     if problems:
         print(f"{cfg.out}: {len(problems)} problem(s):", *problems, sep="\n  ", file=sys.stderr)

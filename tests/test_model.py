@@ -80,6 +80,9 @@ def test_lrn_is_the_printed_formula(columns: int) -> None:
     a = rng.uniform(0, 60, size=(2, 12, 3, 3)).astype(np.float64)  # large values so alpha matters
     got = ColumnLRN(columns).double()(torch.from_numpy(a)).numpy()
     np.testing.assert_allclose(got, lrn_numpy(a, columns), rtol=1e-10)
+    # channels_last (the GPU layout) in, the same numbers and channels_last out: no copies around the next conv
+    nhwc = ColumnLRN(columns).double()(torch.from_numpy(a).contiguous(memory_format=torch.channels_last))
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and np.array_equal(nhwc.numpy(), got)
     # torch's own module with alpha=1e-4 is a different (n times weaker) normalisation
     torch_default = nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=2.0)(torch.from_numpy(a)).numpy()
     assert not np.allclose(torch_default, lrn_numpy(a, 1), rtol=1e-3)

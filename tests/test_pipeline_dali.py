@@ -14,7 +14,15 @@ from pipeline.config import DataSpec, Norm, load_dataset, plan_split
 from pipeline.crops import BufferPool
 from pipeline.lighting import augment_numpy, center_offset, lighting_offset, tencrop_offsets
 from pipeline.loader import DaliBackend, Loader, build_loader
-from preprocess.shard_format import PixelStats, Sample, read_meta, shard_paths, write_json_atomic, write_shard
+from preprocess.shard_format import (
+    DatasetError,
+    PixelStats,
+    Sample,
+    read_meta,
+    shard_paths,
+    write_json_atomic,
+    write_shard,
+)
 
 CROP = 64  # of the 80 px test shards
 
@@ -187,3 +195,11 @@ def test_output_buffers_are_reused_only_when_released() -> None:
     assert pool.take() is pool.buffers[1]  # the second was released at once: reused
     del held
     assert pool.take() is pool.buffers[0] and len(pool.buffers) == 2
+
+
+def test_a_loader_state_restores_only_into_a_pipeline_of_the_same_graph(shard_root: Path) -> None:
+    """A GPU machine's checkpoint (normalizing graph) resumed on a CPU one (decoding graph): one line, no traceback."""
+    graph = dali_loader(data_cfg(shard_root), "train", "train", "graph")
+    next(graph.batches())
+    with pytest.raises(DatasetError, match="normalizing on the GPU graph"):
+        dali_loader(data_cfg(shard_root), "train", "train", "cpu").load_state_dict(graph.state_dict())

@@ -9,6 +9,9 @@ from typing import Any
 
 import torch
 
+from pipeline.config import DataSpec
+from preprocess.config_values import as_bool, as_choice, as_float, as_int
+
 PRECISIONS = ("auto", "fp32", "bf16")
 ACCELERATORS = ("auto", "cpu", "gpu")
 
@@ -37,24 +40,27 @@ class TrainerConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> TrainerConfig:
+        """The ``trainer`` group, each key converted and checked (a one-line error naming the key)."""
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown key trainer.{unknown[0]}: the trainer keys are {sorted(known)}")
-        config = cls(**values)
-        config.check()
-        return config
-
-    def check(self) -> None:
-        if self.devices < 1 or self.max_epochs < 1 or self.log_every < 1:
-            raise ConfigError(
-                f"trainer.devices={self.devices}, trainer.max_epochs={self.max_epochs} and "
-                f"trainer.log_every={self.log_every} must all be at least 1"
-            )
-        if self.accelerator not in ACCELERATORS:
-            raise ConfigError(f"trainer.accelerator={self.accelerator!r} is unknown: use one of {ACCELERATORS}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"trainer.precision={self.precision!r} is unknown: use one of {PRECISIONS}")
+        given = {**dataclasses.asdict(cls()), **values}
+        return cls(
+            devices=as_int("trainer.devices", given["devices"], low=1),
+            accelerator=as_choice("trainer.accelerator", given["accelerator"], ACCELERATORS),
+            max_epochs=as_int("trainer.max_epochs", given["max_epochs"], low=1),
+            seed=as_int("trainer.seed", given["seed"], low=0),
+            resume=_check_resume(given["resume"]),
+            log_every=as_int("trainer.log_every", given["log_every"], low=1),
+            precision=as_choice("trainer.precision", given["precision"], PRECISIONS),
+            channels_last=as_bool("trainer.channels_last", given["channels_last"]),
+            compile=as_bool("trainer.compile", given["compile"]),
+            cudnn_benchmark=as_bool("trainer.cudnn_benchmark", given["cudnn_benchmark"]),
+            tencrop=as_bool("trainer.tencrop", given["tencrop"]),
+            progress=as_bool("trainer.progress", given["progress"]),
+            timeout_s=as_float("trainer.timeout_s", given["timeout_s"], low=0, low_open=True),
+        )
 
     @property
     def use_gpu(self) -> bool:
@@ -81,10 +87,31 @@ def check_devices(trainer: TrainerConfig) -> None:
         )
 
 
+def _check_resume(value: Any) -> str:
+    """``trainer.resume``: auto, never or a checkpoint path (text, not empty)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"trainer.resume={value!r} must be auto, never or the path of a checkpoint")
+    return value
+
+
 def check_batch(data: Mapping[str, Any], world_size: int) -> None:
-    """``data.batch_size`` is the total over all ranks and must split evenly."""
-    batch = int(data["batch_size"])
+    """The ``data`` group (every key, ``DataSpec.from_cfg``); ``data.batch_size``, the total over all ranks,
+    must split evenly. The parent runs this before any worker starts."""
+    batch = DataSpec.from_cfg(data).batch_size
     if batch < world_size or batch % world_size:
         raise ConfigError(
             f"data.batch_size={batch} does not split over {world_size} ranks: use a multiple of {world_size}"
         )
+
+
+def check_config(config: Mapping[str, Any], world_size: int) -> None:
+    """Every group's values (data, model, optim, schedule): the parent runs this before any worker starts, so a
+    bad value is one line at once, not after spawning and building loaders."""
+    from train.model import check_model
+    from train.optim import check_optim
+    from train.schedule import check_schedule
+
+    check_batch(config["data"], world_size)
+    check_model(config["model"])
+    check_optim(config["optim"])
+    check_schedule(config["schedule"])

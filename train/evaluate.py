@@ -14,15 +14,18 @@ The mirrored half of the ten patches is used only for models trained with mirror
 ``mirror=true|false`` says otherwise: a model that never saw mirrored digits (the demo) gets its error raised, not
 lowered, by averaging in predictions on mirror images. Without them "ten-crop" is the five patches.
 
-Exit status: 0 done; 2 bad input (one line: missing checkpoint or data, a model that does not fit the data).
+Exit status: 0 done; 2 bad input (one line: missing checkpoint or data, a model that does not fit the data, an
+option of the wrong type or range, an ``out`` that cannot be written), found before any worker starts where it can be.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +35,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from pipeline.config import DataSpec
 from pipeline.loader import build_loader
 from preprocess.cli import run_cli
+from preprocess.config_values import ConfigValueError, as_bool, as_float, as_int
 from preprocess.shard_format import write_json_atomic
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.config import ConfigError
@@ -45,7 +50,6 @@ from train.metrics import count_correct, errors_from_counts, patches_used, tencr
 # per model and for the ensemble: correct counts in this order, then the number of samples
 COUNT_NAMES = ("top1", "top5", "tencrop_top1", "tencrop_top5")
 DATA_OVERRIDES = ("root", "threads", "loader")
-MIRROR_CHOICES = ("auto", True, False)
 
 
 def split_paths(checkpoint: str | Sequence[str]) -> list[str]:
@@ -192,30 +196,82 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def mirror_option(value: Any) -> str | bool:
+    """``mirror``: ``auto``, or true / false as ``preprocess.cli.as_bool`` reads them."""
+    if value == "auto":
+        return "auto"
+    try:
+        return as_bool("mirror", value)
+    except ConfigValueError:
+        raise ConfigError(f"mirror={value!r} is unknown: use auto, true or false") from None
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """The command's own options (conf/evaluate.yaml), converted and checked before any worker starts."""
+
+    devices: int
+    batch_size: int
+    tencrop: bool
+    mirror: str | bool
+    timeout_s: float
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> EvalOptions:
+        options = cls(
+            devices=as_int("devices", cfg["devices"], low=1),
+            batch_size=as_int("batch_size", cfg["batch_size"], low=1),
+            tencrop=as_bool("tencrop", cfg["tencrop"]),
+            mirror=mirror_option(cfg["mirror"]),
+            timeout_s=as_float("timeout_s", cfg["timeout_s"], low=0, low_open=True),
+        )
+        if options.batch_size % options.devices:
+            raise ConfigError(
+                f"batch_size={options.batch_size} must be a positive multiple of devices={options.devices}"
+            )
+        return options
+
+
+def writable_out(out: Any) -> Path | None:
+    """``out`` (None when not given) once its folder exists and takes a new file: checked before evaluating."""
+    if out is None or str(out) == "":
+        return None
+    path = Path(str(out))
+    if path.is_dir():
+        raise ConfigError(f"out={out} is a folder: give the result file's name, e.g. out={path / 'eval.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):
+            pass
+    except OSError as err:
+        path_is_file = isinstance(err, (FileExistsError, NotADirectoryError))
+        reason = "part of its folder path is a file" if path_is_file else err.strerror or str(err)
+        raise ConfigError(f"out={out} cannot be written ({reason}): choose another out=") from None
+    return path
+
+
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Check the inputs in this process, evaluate on ``cfg["devices"]`` ranks, print and write the result."""
+    """Check the inputs in this process, evaluate on ``devices`` ranks, print and write the result."""
+    options = EvalOptions.from_cfg(cfg)
     paths = split_paths(cfg["checkpoint"])
-    for path in paths:  # fail here, before any worker starts, on a missing or damaged file
-        load_checkpoint(path)
-    if cfg["mirror"] not in MIRROR_CHOICES:
-        raise ConfigError(f"mirror={cfg['mirror']!r} is unknown: use auto, true or false")
-    devices = int(cfg["devices"])
-    if devices < 1 or int(cfg["batch_size"]) % devices:
-        raise ConfigError(f"batch_size={cfg['batch_size']} must be a positive multiple of devices={devices}")
+    for path in paths:  # fail here, before any worker starts, on a missing or damaged file or a bad data value
+        train_data = load_checkpoint(path)["config"]["data"]
+        DataSpec.from_cfg(eval_data_config(train_data, dict(cfg["data"]), options.batch_size))
+    out_path = writable_out(cfg.get("out"))
     backend = default_backend()
-    if backend == "nccl" and devices > torch.cuda.device_count():
-        raise ConfigError(f"devices={devices} but only {torch.cuda.device_count()} GPUs are visible: lower it")
+    if backend == "nccl" and options.devices > torch.cuda.device_count():
+        raise ConfigError(f"devices={options.devices} but only {torch.cuda.device_count()} GPUs are visible: lower it")
     started = time.perf_counter()
     out = launch(
         evaluate_worker,
-        devices,
+        options.devices,
         paths,
         dict(cfg["data"]),
-        int(cfg["batch_size"]),
-        bool(cfg["tencrop"]),
-        cfg["mirror"],
+        options.batch_size,
+        options.tencrop,
+        options.mirror,
         backend=backend,
-        timeout_s=float(cfg["timeout_s"]),
+        timeout_s=options.timeout_s,
     )
     result = report(paths, out["counts"], out["patches"], time.perf_counter() - started)
     print(format_table(result))
@@ -224,10 +280,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         crops = "ten-crop" if max(out["patches"]) == 10 else "five-crop (no mirrored patches)"
         summary += f", {result['tencrop_top1_err']:.2%} {crops}"
     summary += f" on {result['count']} val images in {result['seconds']:.1f} s"
-    if cfg.get("out"):
-        Path(cfg["out"]).parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(cfg["out"], result)
-        summary += f"; {cfg['out']}"
+    if out_path is not None:
+        write_json_atomic(out_path, result)
+        summary += f"; {out_path}"
     print(summary, flush=True)
     return result
 

@@ -42,7 +42,7 @@ from train.checkpoint import (
 from train.config import ConfigError, TrainerConfig, check_batch
 from train.distributed import FORWARDED_SIGNALS, StopRun, chained_signal_handlers, worker_device
 from train.metrics import count_correct, errors_from_counts, patches_used, tencrop_probs
-from train.model import AlexNet, ModelConfigError
+from train.model import AlexNet, ModelConfigError, check_model
 from train.optim import build_optimizer
 from train.runlog import SUMMARY_FILE, RunLog
 from train.schedule import build_schedule
@@ -90,10 +90,7 @@ def seed_everything(seed: int) -> None:
 
 def build_model(config: dict[str, Any], num_classes: int) -> AlexNet:
     """AlexNet(num_classes from meta.json, crop_size from data.crop_size, **config["model"])."""
-    try:
-        return AlexNet(num_classes=num_classes, crop_size=int(config["data"]["crop_size"]), **config["model"])
-    except TypeError as err:  # an unknown keyword in the model group
-        raise ConfigError(f"model config: {err}; the model keys are those of conf/model/alexnet.yaml") from None
+    return AlexNet(num_classes=num_classes, crop_size=int(config["data"]["crop_size"]), **check_model(config["model"]))
 
 
 @dataclass

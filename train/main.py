@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from preprocess.cli import one_line, run_cli
-from train.config import TrainerConfig, check_batch, check_devices
+from train.config import TrainerConfig, check_config, check_devices
 from train.distributed import StopRun, is_torchrun, launch
 from train.loop import EXIT_BAD_INPUT, USER_ERRORS, train_worker
 
@@ -53,7 +53,7 @@ def main(cfg: DictConfig) -> float | None:
         trainer = TrainerConfig.from_mapping(config["trainer"])
         if not is_torchrun():
             check_devices(trainer)
-            check_batch(config["data"], trainer.devices)
+            check_config(config, trainer.devices)
         return launch(
             train_worker, trainer.devices, config, run_dir, backend=trainer.backend, timeout_s=trainer.timeout_s
         )

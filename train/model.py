@@ -23,8 +23,14 @@ torchvision does); fc6's input size is computed from ``crop_size``, so smaller c
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
 import torch
 from torch import nn
+
+from preprocess.config_values import as_bool, as_choice, as_float, as_int
 
 LRN_SIZE = 5
 LRN_ALPHA = 1e-4  # as printed in the paper, NOT divided by LRN_SIZE
@@ -91,7 +97,27 @@ class ColumnLRN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        return self.lrn(x.reshape(n * self.columns, c // self.columns, h, w)).reshape(n, c, h, w)
+        if x.is_contiguous():  # NCHW: the columns are a free reshape
+            return self.lrn(x.view(n * self.columns, c // self.columns, h, w)).view(n, c, h, w)
+        # channels_last (GPU): that reshape would copy to NCHW and the next convolution would copy back
+        return torch.cat([self.lrn(column) for column in x.chunk(self.columns, dim=1)], dim=1)
+
+
+def check_model(model_cfg: Mapping) -> dict[str, Any]:
+    """The ``model`` group as ``AlexNet`` keywords, each value converted and checked (one line naming the key)."""
+    checks = {
+        "columns": partial(as_int, low=1, high=2),
+        "lrn": as_bool,
+        "overlapping_pool": as_bool,
+        "activation": partial(as_choice, choices=tuple(ACTIVATIONS)),
+        "dropout": partial(as_float, low=0, high=1),
+        "width": partial(as_float, low=0, low_open=True),
+        "init": partial(as_choice, choices=tuple(INITS)),
+    }
+    unknown = sorted(set(model_cfg) - set(checks))
+    if unknown:
+        raise ModelConfigError(f"model has unknown keys {unknown}: the known ones are {sorted(checks)}")
+    return {key: checks[key](f"model.{key}", value) for key, value in model_cfg.items()}
 
 
 class AlexNet(nn.Module):

@@ -9,9 +9,13 @@ two agree while the lr is constant, but torch rescales all accumulated momentum 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
+
+from preprocess.config_values import ConfigValueError, as_bool, as_choice, as_float
 
 REFERENCE_BATCH = 128  # the paper's batch size, the base of the linear scaling rule
 
@@ -49,16 +53,31 @@ def scaled_lr(lr: float, batch_size: int, scale_with_batch: bool) -> float:
     return lr * batch_size / REFERENCE_BATCH if scale_with_batch else lr
 
 
+OPTIMIZERS = ("paper_sgd", "sgd")
+
+
+def check_optim(optim_cfg: Mapping) -> dict[str, Any]:
+    """The ``optim`` group, every key converted and checked (a one-line ``ConfigValueError`` naming it)."""
+    checks = {
+        "name": partial(as_choice, choices=OPTIMIZERS),
+        "lr": partial(as_float, low=0, low_open=True),
+        "momentum": partial(as_float, low=0, high=1),
+        "weight_decay": partial(as_float, low=0),
+        "scale_lr_with_batch": as_bool,
+    }
+    unknown = sorted(set(optim_cfg) - set(checks))
+    if unknown:
+        raise ConfigValueError(f"optim has unknown keys {unknown}: the known ones are {sorted(checks)}")
+    given = {"scale_lr_with_batch": False, **optim_cfg}
+    return {key: check(f"optim.{key}", given.get(key)) for key, check in checks.items()}
+
+
 def build_optimizer(model: nn.Module, optim_cfg: Mapping, *, batch_size: int) -> torch.optim.Optimizer:
     """The optimizer named by ``optim_cfg["name"]`` (paper_sgd | sgd) over all of ``model``'s parameters.
 
     ``batch_size`` is the total batch over all ranks; it matters only with ``scale_lr_with_batch: true``.
     """
-    lr = scaled_lr(float(optim_cfg["lr"]), batch_size, bool(optim_cfg.get("scale_lr_with_batch", False)))
-    momentum, weight_decay = float(optim_cfg["momentum"]), float(optim_cfg["weight_decay"])
-    name = optim_cfg["name"]
-    if name == "paper_sgd":
-        return PaperSGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    raise ValueError(f"optim.name={name!r} is unknown: use optim=paper_sgd or optim=sgd")
+    options = check_optim(optim_cfg)
+    lr = scaled_lr(options["lr"], batch_size, options["scale_lr_with_batch"])
+    optimizer = PaperSGD if options["name"] == "paper_sgd" else torch.optim.SGD
+    return optimizer(model.parameters(), lr=lr, momentum=options["momentum"], weight_decay=options["weight_decay"])

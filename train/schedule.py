@@ -13,9 +13,13 @@ times a multiplier: ``warmup(t) * decay``. The state that matters for resuming i
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any
 
 import torch
+
+from preprocess.config_values import ConfigValueError, as_choice, as_float, as_int
 
 SCHEDULES = ("plateau", "step", "cosine")
 
@@ -134,16 +138,41 @@ class Schedule:
         self.reductions, self.should_stop = int(state["reductions"]), bool(state["should_stop"])
 
 
+def _step_epochs(key: str, value: Any) -> int | list[int]:
+    """Every ``step_epochs`` epochs (an int >= 1), or a list of milestone epochs (each >= 1)."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [as_int(f"{key}[{i}]", milestone, low=1) for i, milestone in enumerate(value)]
+    return as_int(key, value, low=1)
+
+
+OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "warmup_epochs": partial(as_float, low=0),
+    "factor": partial(as_float, low=0, low_open=True),  # > 1 is allowed: it raises the lr (a test diverges a run so)
+    "patience": partial(as_int, low=1),
+    "max_reductions": partial(as_int, low=0),
+    "min_delta": partial(as_float, low=0),
+    "step_epochs": _step_epochs,
+    "min_lr_factor": partial(as_float, low=0),
+}
+
+
+def check_schedule(schedule_cfg: Mapping) -> dict[str, Any]:
+    """The ``schedule`` group with every key converted and checked: ``name`` plus that schedule's options.
+
+    Pure (no optimizer needed), so a command can run it before starting any worker; a bad key or value is a
+    one-line ``ConfigValueError`` naming it.
+    """
+    options = dict(schedule_cfg)
+    unknown = sorted(set(options) - {"name", *OPTION_CHECKS})
+    if unknown:
+        raise ConfigValueError(f"schedule has unknown keys {unknown}: the known ones are {sorted(OPTION_CHECKS)}")
+    name = as_choice("schedule.name", options.pop("name", None), SCHEDULES)
+    return {"name": name} | {key: OPTION_CHECKS[key](f"schedule.{key}", value) for key, value in options.items()}
+
+
 def build_schedule(
     optimizer: torch.optim.Optimizer, schedule_cfg: Mapping, *, steps_per_epoch: int, max_epochs: int
 ) -> Schedule:
-    """A ``Schedule`` from the ``schedule`` config group: ``name`` plus that schedule's keys."""
-    options = dict(schedule_cfg)
-    name = options.pop("name")
-    known = {"warmup_epochs", "factor", "patience", "max_reductions", "min_delta", "step_epochs", "min_lr_factor"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"schedule has unknown keys {unknown}: the known ones are {sorted(known)}")
-    if "step_epochs" in options and not isinstance(options["step_epochs"], int):
-        options["step_epochs"] = [int(e) for e in options["step_epochs"]]
-    return Schedule(optimizer, name, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs, **options)
+    """A ``Schedule`` from the ``schedule`` config group, checked by ``check_schedule``."""
+    options = check_schedule(schedule_cfg)
+    return Schedule(optimizer, steps_per_epoch=steps_per_epoch, max_epochs=max_epochs, **options)

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import DataSpec
 from pipeline.preview import collect, denormalize, save_figure
 from preprocess.cli import run_cli
+from preprocess.config_values import as_int
 from preprocess.shard_format import DatasetError, read_meta
 from train.checkpoint import load_checkpoint
 from train.evaluate import eval_data_config, trained_model
@@ -206,29 +207,32 @@ def forward(model: torch.nn.Module, images: np.ndarray, batch_size: int, embed: 
 
 def visualize(cfg: Mapping[str, Any]) -> list[Path]:
     """Write the four PNGs of the module docstring into ``cfg["out"]``; returns their paths."""
+    counted = ("batch_size", "predictions", "queries", "neighbours", "pool")
+    sizes = {key: as_int(key, cfg[key], low=1) for key in counted}
+    seed = as_int("seed", cfg["seed"], low=0)
     checkpoint_path = Path(cfg["checkpoint"])
     checkpoint = load_checkpoint(checkpoint_path)
     config = checkpoint["config"]
-    data = eval_data_config(config["data"], dict(cfg["data"]), int(cfg["batch_size"]))
+    data = eval_data_config(config["data"], dict(cfg["data"]), sizes["batch_size"])
     out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
 
-    val = collect(data, "val", "center", int(cfg["predictions"]), int(cfg["seed"]))
+    val = collect(data, "val", "center", sizes["predictions"], seed)
     meta_names = class_names(read_meta(DataSpec.from_cfg(data).root))
     model = trained_model(checkpoint_path, checkpoint, data, len(meta_names))
-    batch = int(cfg["batch_size"])
+    batch = sizes["batch_size"]
 
     written = [plot_kernels(model.conv1.weight.detach().numpy(), model.columns, out / "figure3_kernels.png")]
     probs = torch.softmax(forward(model, val["images"], batch), dim=1)
     views = denormalize(val)
     written.append(plot_predictions(views, val["labels"], probs, meta_names, out / "figure4_predictions.png"))
 
-    train = collect(data, "train", "center", int(cfg["pool"]), int(cfg["seed"]))
-    queries = slice(0, int(cfg["queries"]))
+    train = collect(data, "train", "center", sizes["pool"], seed)
+    queries = slice(0, sizes["queries"])
     neighbours = nearest(
         forward(model, val["images"][queries], batch, embed=True),
         forward(model, train["images"], batch, embed=True),
-        int(cfg["neighbours"]),
+        sizes["neighbours"],
     )
     written.append(
         plot_retrieval(
