@@ -16,6 +16,7 @@ over whole rows (numba):
 from __future__ import annotations
 
 import functools
+import math
 import threading
 
 import numba
@@ -84,7 +85,7 @@ def _buffers(side: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     buffers = _scratch.__dict__.setdefault("buffers", [np.empty(0, np.float32) for _ in shapes])
     views = []
     for i, shape in enumerate(shapes):
-        needed = int(np.prod(shape))
+        needed = math.prod(shape)
         if buffers[i].size < needed:
             buffers[i] = np.empty(needed, np.float32)
         views.append(buffers[i][:needed].reshape(shape))
