@@ -51,8 +51,8 @@ class DataSpec:
 
     @classmethod
     def from_cfg(cls, cfg: Mapping) -> DataSpec:
-        """Validate a ``data`` group (dict or DictConfig), every key converted and checked (``preprocess.cli``);
-        a bad value raises a one-line ``DatasetError``."""
+        """Validate a ``data`` group (dict or DictConfig), every key converted and checked
+        (``preprocess.config_values``); a bad value raises a one-line ``DatasetError``."""
         root = _get(cfg, "root")
         if root in (None, "???", ""):
             raise DatasetError("data.root is not set: pass data.root=PATH (the out= folder of preprocess.build_shards)")

@@ -77,7 +77,7 @@ def save_figure(fig, path: Path, dpi: int = 100) -> Path:
     import matplotlib.pyplot as plt
 
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     os.replace(tmp, path)
     return path

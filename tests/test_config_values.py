@@ -1,5 +1,5 @@
-"""The shared config-value checks (``preprocess.cli.as_*``) against hand-written cases, the config objects built
-on them, and the commands answering a value of the wrong type with one line and exit status 2 before any work."""
+"""The shared config-value checks (``preprocess.config_values.as_*``) against hand-written cases, the config objects
+built on them, and the commands answering a value of the wrong type with one line and exit status 2 before any work."""
 
 from __future__ import annotations
 

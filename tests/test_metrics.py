@@ -76,3 +76,4 @@ def test_patches_used_follows_training_flips_unless_forced() -> None:
     assert patches_used({"flip": True}) == 10 and patches_used({}) == 10  # the paper's ten patches
     assert patches_used({"flip": False}) == 5  # never saw mirror images: only the five unmirrored patches
     assert patches_used({"flip": False}, mirror=True) == 10 and patches_used({"flip": True}, mirror=False) == 5
+    assert patches_used({"flip": "false"}) == 5  # the text the trainer accepts, stored as given in the checkpoint

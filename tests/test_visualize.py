@@ -13,9 +13,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from preprocess.shard_format import DatasetError
 from train.figure1 import Figure1Error, describe, epochs_to_reach, figure1
 from train.model import AlexNet
-from train.visualize import kernel_blocks, nearest, read_curves, visualize
+from train.visualize import class_names, kernel_blocks, nearest, read_curves, visualize
 
 TEST_CROP = 64  # conftest.TEST_CROP: 64 px crops of the 80 px shards
 MODEL_CFG = {"columns": 2, "lrn": True, "overlapping_pool": True, "activation": "relu", "dropout": 0.5, "width": 0.25}
@@ -108,6 +109,24 @@ def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path: Path, shard_root: P
     assert not (tmp_path / "f").exists() or not any((tmp_path / "f").iterdir())
 
 
+def test_class_names_fit_beside_their_bars() -> None:
+    meta = {
+        "classes": [
+            {"index": 1, "name": "tench, Tinca tinca"},
+            {"index": 0, "wnid": "n01"},
+            {"index": 2, "name": "great white shark, white shark, man-eater, man-eating shark"},
+            {"index": 3, "name": "a very long single class name without commas"},
+        ]
+    }
+    assert class_names(meta) == ["n01", "tench", "great white shark", "a very long single clas…"]
+
+
+def test_a_file_that_is_not_metrics_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "meta.json").write_text('{\n  "classes": []\n}\n')  # as build_shards writes it
+    with pytest.raises(DatasetError, match="not a metrics.jsonl"):
+        read_curves(tmp_path / "meta.json")
+
+
 @pytest.mark.parametrize("bad", ["checkpoint=", "colour=red"])
 def test_bad_arguments_are_one_line(tmp_path: Path, bad: str) -> None:
     command = [sys.executable, "-m", "train.visualize", "data.root=/x", f"out={tmp_path}", bad]
@@ -118,9 +137,9 @@ def test_bad_arguments_are_one_line(tmp_path: Path, bad: str) -> None:
 # ---------------------------------------------------------------- train.figure1
 
 
-def write_job(sweep: Path, activation: str, errors: list[float]) -> None:
+def write_job(sweep: Path, activation: str, errors: list[float], job_name: str = "") -> None:
     """A sweep job folder as Hydra and train.main leave it: .hydra/config.yaml and metrics.jsonl."""
-    job = sweep / f"model.activation={activation}"
+    job = sweep / (job_name or f"model.activation={activation}")
     (job / ".hydra").mkdir(parents=True)
     (job / ".hydra" / "config.yaml").write_text(f"model:\n  activation: {activation}\n  width: 0.25\n")
     lines = [{"kind": "step", "epoch": 1, "step": 3, "train_top1_err": 0.9, "loss": 2.3}]
@@ -161,6 +180,24 @@ def test_tanh_that_never_gets_there_gives_a_lower_bound(tmp_path: Path) -> None:
     assert result["ratio"] is None and (tmp_path / "out" / "f1.png").is_file()
     # ReLU at 1 + (0.5 - 0.25) / 0.3 = 1.833 epochs; tanh not within 4 -> more than 4 / 1.833 = 2.2 times
     assert "more than 2.2 times sooner" in describe(result)
+
+
+def test_two_runs_of_one_activation_are_refused_not_picked(tmp_path: Path) -> None:
+    write_job(tmp_path, "relu", [0.5, 0.2])
+    write_job(tmp_path, "relu", [0.5, 0.2], job_name="model.activation=relu,model.init=paper")
+    write_job(tmp_path, "tanh", [0.9, 0.2])
+    with pytest.raises(Figure1Error, match="2 runs with model.activation=relu"):
+        figure1(tmp_path)
+
+
+def test_figure1_out_without_suffix_is_a_png_and_bad_arguments_exit_2(tmp_path: Path) -> None:
+    write_job(tmp_path, "relu", [0.5, 0.2])
+    write_job(tmp_path, "tanh", [0.9, 0.2])
+    assert figure1(tmp_path, tmp_path / "plot")["figure"] == str(tmp_path / "plot")
+    assert (tmp_path / "plot").read_bytes()[:4] == b"\x89PNG"
+    for args in (["nonsense"], [f"dir={tmp_path}", f"out={tmp_path / 'plot' / 'x.png'}"]):  # a file as a folder
+        result = subprocess.run([sys.executable, "-m", "train.figure1", *args], capture_output=True, text=True)
+        assert result.returncode == 2 and result.stderr.startswith("error:") and result.stderr.count("\n") == 1
 
 
 def test_missing_run_is_a_one_line_error(tmp_path: Path) -> None:

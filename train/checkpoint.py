@@ -92,7 +92,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint dict at ``path``, on the CPU; ``CheckpointError`` if it is missing, corrupt or incomplete."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist: check the path, or use trainer.resume=never")
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path (train.main writes checkpoints/*.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for a damaged file (zip, pickle, EOF, ...)

@@ -37,9 +37,13 @@ def run(command: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return
     args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
     if any("=" not in arg for arg in argv) or set(args) - {"out", "devices"}:
-        sys.exit(__doc__)
+        print(f"error: unknown arguments {argv}: the demo takes out=DIR and devices=N (see --help)", file=sys.stderr)
+        sys.exit(2)
     out = Path(args.get("out", "data/demo"))
     devices = args.get("devices", "2")
     src, shards = out / "src", out / "shards"

@@ -197,7 +197,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def mirror_option(value: Any) -> str | bool:
-    """``mirror``: ``auto``, or true / false as ``preprocess.cli.as_bool`` reads them."""
+    """``mirror``: ``auto``, or true / false as ``preprocess.config_values.as_bool`` reads them."""
     if value == "auto":
         return "auto"
     try:

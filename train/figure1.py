@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from preprocess.config_values import as_float
 from train.runlog import METRICS_FILE
 from train.visualize import _pyplot, save_figure
 
@@ -49,12 +50,21 @@ def epochs_to_reach(epochs: np.ndarray, errors: np.ndarray, threshold: float) ->
 
 
 def find_runs(sweep_dir: Path) -> dict[str, Path]:
-    """``{activation: metrics.jsonl}`` for the jobs of a sweep folder."""
-    runs = {}
+    """``{activation: metrics.jsonl}`` for the jobs of a sweep folder: one job per activation."""
+    found: dict[str, list[Path]] = {}
     for metrics in sorted(sweep_dir.glob(f"*/{METRICS_FILE}")):
         config = metrics.parent / ".hydra" / "config.yaml"
         if config.is_file():
-            runs[str(OmegaConf.load(config).model.activation)] = metrics
+            found.setdefault(str(OmegaConf.load(config).model.activation), []).append(metrics)
+    several = {name: paths for name, paths in found.items() if len(paths) > 1}
+    if several:
+        name, paths = next(iter(several.items()))
+        jobs = ", ".join(path.parent.name for path in paths)
+        raise Figure1Error(
+            f"{sweep_dir} holds {len(paths)} runs with model.activation={name} ({jobs}): give each comparison "
+            "its own sweep folder (`train.main -m +experiment=figure1 name=figure1_b ...`, then dir=multirun/figure1_b)"
+        )
+    runs = {name: paths[0] for name, paths in found.items()}
     missing = sorted(set(STYLES) - set(runs))
     if missing:
         raise Figure1Error(
@@ -68,6 +78,7 @@ def figure1(sweep_dir: str | Path, out: str | Path | None = None, threshold: flo
     """Write figure1.png and return the epochs each activation needed to reach ``threshold`` and their ratio."""
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out else sweep_dir / "figure1.png"
+    out = out / "figure1.png" if out.is_dir() else out
     curves = {name: epoch_errors(path) for name, path in find_runs(sweep_dir).items()}
     reached = {name: epochs_to_reach(*curves[name], threshold) for name in STYLES}
 
@@ -125,10 +136,12 @@ def main(argv: list[str]) -> None:
         return
     args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
     if any("=" not in arg for arg in argv) or set(args) - {"dir", "out", "threshold"}:
-        sys.exit(USAGE)
+        print(f"error: unknown arguments {argv}; {USAGE}", file=sys.stderr)
+        sys.exit(2)
     try:
-        result = figure1(args.get("dir", "multirun/figure1"), args.get("out"), float(args.get("threshold", 0.25)))
-    except (Figure1Error, ValueError) as err:
+        threshold = as_float("threshold", args.get("threshold", 0.25), low=0, high=1)
+        result = figure1(args.get("dir", "multirun/figure1"), args.get("out"), threshold)
+    except (Figure1Error, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(describe(result))

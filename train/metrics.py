@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from preprocess.config_values import as_bool
+
 TOPK = (1, 5)
 
 
@@ -48,7 +50,7 @@ def patches_used(train_data: Mapping[str, Any], mirror: str | bool = "auto") -> 
     """How many of the ten test patches to average: all 10 (the paper) for a model trained with mirroring, else
     the 5 unmirrored ones (a model that never saw mirror images, e.g. of digits, is hurt by them); ``mirror``
     (true/false) forces the choice. ``pipeline`` orders the patches five unmirrored, then the same five mirrored."""
-    use = bool(train_data.get("flip", True)) if mirror == "auto" else bool(mirror)
+    use = as_bool("data.flip", train_data.get("flip", True)) if mirror == "auto" else as_bool("mirror", mirror)
     return 10 if use else 5
 
 

@@ -85,16 +85,19 @@ def nearest(queries: torch.Tensor, pool: torch.Tensor, k: int) -> np.ndarray:
 
 def read_curves(path: str | Path) -> dict[str, np.ndarray]:
     """Epoch-end values (x = epochs completed) and per-step loss (x = fractional epochs) from metrics.jsonl."""
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    epochs = [r for r in records if r.get("kind") == "epoch"]
-    steps = [r for r in records if r.get("kind") == "step"]
-    if not epochs:
-        raise DatasetError(f"{path} has no epoch lines yet: plot the curves after the first epoch has finished")
-    curves = {key: np.array([r[key] for r in epochs], dtype=float) for key in epochs[0] if key != "kind"}
-    curves["x"] = curves["epoch"]  # train.main numbers epochs from 1: an epoch line is written at its end
-    ends = np.concatenate([[0.0], curves["step"]])
-    curves["step_x"] = np.interp([r["step"] for r in steps], ends, np.arange(len(ends)))
-    curves["step_loss"] = np.array([r["loss"] for r in steps], dtype=float)
+    try:
+        records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        epochs = [r for r in records if r.get("kind") == "epoch"]
+        steps = [r for r in records if r.get("kind") == "step"]
+        if not epochs:
+            raise DatasetError(f"{path} has no epoch lines yet: plot the curves after the first epoch has finished")
+        curves = {key: np.array([r[key] for r in epochs], dtype=float) for key in epochs[0] if key != "kind"}
+        curves["x"] = curves["epoch"]  # train.main numbers epochs from 1: an epoch line is written at its end
+        ends = np.concatenate([[0.0], curves["step"]])
+        curves["step_x"] = np.interp([r["step"] for r in steps], ends, np.arange(len(ends)))
+        curves["step_loss"] = np.array([r["loss"] for r in steps], dtype=float)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
+        raise DatasetError(f"{path} is not a metrics.jsonl of train.main ({type(err).__name__}: {err})") from None
     return curves
 
 
@@ -192,10 +195,14 @@ def plot_curves(curves: Mapping[str, np.ndarray], path: Path) -> Path:
 # ---------------------------------------------------------------- the command
 
 
-def class_names(meta: Mapping) -> list[str]:
-    return [
+def class_names(meta: Mapping, width: int = 24) -> list[str]:
+    """Labels for the figures: each class's first name only ("great white shark" of ImageNet's "great white
+    shark, white shark, man-eater, ..."), cut to ``width`` characters so that it fits beside its bar."""
+    names = [
         str(c.get("name") or c.get("wnid") or c["index"]) for c in sorted(meta["classes"], key=lambda c: c["index"])
     ]
+    first = [name.split(",")[0].strip() or name for name in names]
+    return [name if len(name) <= width else name[: width - 1] + "…" for name in first]
 
 
 @torch.no_grad()
@@ -215,7 +222,10 @@ def visualize(cfg: Mapping[str, Any]) -> list[Path]:
     config = checkpoint["config"]
     data = eval_data_config(config["data"], dict(cfg["data"]), sizes["batch_size"])
     out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DatasetError(f"out={out} cannot hold the figures ({err.strerror}): choose another out=") from None
 
     val = collect(data, "val", "center", sizes["predictions"], seed)
     meta_names = class_names(read_meta(DataSpec.from_cfg(data).root))
