@@ -22,7 +22,7 @@ from pipeline.lighting import mean_patch
 from pipeline.loader import build_loader
 from preprocess.cli import run_cli
 from preprocess.config_values import as_int
-from preprocess.shard_format import DatasetError
+from preprocess.shard_format import DatasetError, temporary_path
 
 
 def collect(data_cfg: dict, split: str, mode: str, n: int, seed: int) -> dict[str, np.ndarray]:
@@ -76,7 +76,7 @@ def save_figure(fig, path: Path, dpi: int = 100) -> Path:
     """Write a matplotlib figure under a temporary name, rename it when complete, and close it."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    tmp = temporary_path(path)
     fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     os.replace(tmp, path)
@@ -84,7 +84,7 @@ def save_figure(fig, path: Path, dpi: int = 100) -> Path:
 
 
 def save_npz(path: Path, batch: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")
+    tmp = temporary_path(path, ".npz")
     np.savez(tmp, **batch)
     os.replace(tmp, path)
 

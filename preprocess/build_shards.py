@@ -23,6 +23,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import threading
 import time
@@ -38,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from preprocess.cli import run_cli
-from preprocess.config_values import as_bool, as_int, as_optional_int
+from preprocess.config_values import ConfigValueError, as_bool, as_int, as_optional_int
 from preprocess.layouts import Dataset, Record, scan
 from preprocess.shard_format import (
     META_FILE,
@@ -47,6 +48,7 @@ from preprocess.shard_format import (
     DatasetError,
     Sample,
     shard_name,
+    temporary_path,
     write_json_atomic,
     write_shard,
     write_text_atomic,
@@ -126,10 +128,25 @@ def _describe_difference(old: dict, new: dict) -> str:
     return ", ".join(changed) if changed else "different source images or classes"
 
 
+def _create_once(path: Path, text: str) -> None:
+    """Write ``path`` whole unless it exists: of jobs starting together, exactly one creates it (a hard link
+    fails on an existing name, atomically), and the others then compare their plan with the winner's."""
+    tmp = temporary_path(path)
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: the last of simultaneous writers wins
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def claim_out(out: Path, plan: dict) -> None:
     """Make ``out`` ours: new or empty, or holding a run of this very plan (resume); anything else is an error.
 
-    Part jobs starting together on an empty folder all write the same plan.json (atomically): no race.
+    Part jobs starting together on an empty folder race to create plan.json; one wins, the others must match it.
     """
     plan_path = out / PARTS_DIR / PLAN_FILE
     if not plan_path.is_file():
@@ -146,7 +163,7 @@ def claim_out(out: Path, plan: dict) -> None:
             (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise DatasetError(f"cannot create out {out} ({err.strerror}): choose a folder you can write to") from None
-        write_json_atomic(plan_path, plan)
+        _create_once(plan_path, json.dumps(plan, indent=2) + "\n")
     old = json.loads(plan_path.read_text())
     if old.get("fingerprint") != plan["fingerprint"]:
         raise DatasetError(
@@ -205,7 +222,7 @@ def write_shard_task(task: ShardTask, progress: Callable[[int], None] = lambda n
         "rejected": rejected,
     }
     arrays = stats.to_arrays() if stats is not None else {}
-    tmp = task.part_path.with_name(f".{task.part_path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(task.part_path)
     with tmp.open("wb") as file:
         np.savez(file, info=np.array(json.dumps(info)), **arrays)
     os.replace(tmp, task.part_path)
@@ -215,12 +232,30 @@ def write_shard_task(task: ShardTask, progress: Callable[[int], None] = lambda n
 _queue = None  # a worker's progress queue, set by _init_worker
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's stop), handled as Ctrl-C: complete shards kept, the rest on a re-run."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    for worker in mp.active_children():  # a plain SIGTERM reaches this process only, not its workers
+        worker.terminate()
+    raise Terminated
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    """A worker whose parent was killed (SIGKILL) would wait for tasks forever: it exits instead."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def _init_worker(queue: mp.Queue) -> None:
     global _queue
     import cv2
 
     cv2.setNumThreads(1)  # one process per core already
     _queue = queue
+    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
 
 
 def _pool_task(task: ShardTask) -> dict:
@@ -294,6 +329,14 @@ def _check_parts(part: object, parts: object) -> tuple[int | None, int | None]:
     return number, count
 
 
+def _check_splits(splits: object) -> list[str]:
+    """``splits``: train, val, or a non-empty list of them (repeats dropped, in the order given)."""
+    chosen = [splits] if isinstance(splits, str) else splits
+    if not isinstance(chosen, Sequence) or not chosen or not set(chosen) <= set(SPLITS):
+        raise ConfigValueError(f"splits={splits!r} must be train, val or a list of them, e.g. splits=[train,val]")
+    return list(dict.fromkeys(chosen))
+
+
 def build_shards(
     src: str | Path,
     out: str | Path,
@@ -321,7 +364,7 @@ def build_shards(
     workers = as_optional_int("workers", workers, low=1)
     show_progress = as_bool("show_progress", show_progress)
     part, parts = _check_parts(part, parts)
-    splits = [splits] if isinstance(splits, str) else list(splits)
+    splits = _check_splits(splits)
     started = time.perf_counter()
     out = Path(out)
     dataset = scan(src, splits)
@@ -373,14 +416,15 @@ def summary_line(summary: dict) -> str:
 
 @hydra.main(config_path="../conf", config_name="build_shards", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         summary = build_shards(**OmegaConf.to_container(cfg, resolve=True))
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("interrupted: complete shards are kept; run the same command again to finish", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT))
     print(summary_line(summary))
 
 

@@ -89,7 +89,11 @@ def sample_key(file_name: str) -> str:
     DALI split key and extension at the first dot; DALI's index files separate fields by whitespace)."""
     name = PurePosixPath(file_name).name
     stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
-    return re.sub(r"[.\s]", "_", stem)
+    return _key_safe(stem)
+
+
+def _key_safe(text: str) -> str:
+    return re.sub(r"[.\s]", "_", text)
 
 
 def _files(folder: Path, unusable: list[dict]) -> list[Path]:
@@ -181,7 +185,9 @@ def _read_synset_mapping(path: Path) -> dict[str, str]:
     """``n01440764 tench, Tinca tinca`` lines -> {wnid: name}; empty when the file is absent."""
     if not path.is_file():
         return {}
-    lines = (line.strip().split(None, 1) for line in path.read_text().splitlines() if line.strip())
+    with _reading(path, "it should hold lines like `n01440764 tench, Tinca tinca`, in UTF-8"):
+        text = path.read_text(encoding="utf-8")
+    lines = (line.strip().split(None, 1) for line in text.splitlines() if line.strip())
     return {parts[0]: (parts[1] if len(parts) > 1 else parts[0]) for parts in lines}
 
 
@@ -190,7 +196,8 @@ def _devkit_files(src: Path) -> tuple[bytes, str] | None:
     folder, archive = src / DEVKIT, src / f"{DEVKIT}.tar.gz"
     if (folder / META_MAT).is_file():
         ground_truth = folder / GROUND_TRUTH
-        return (folder / META_MAT).read_bytes(), ground_truth.read_text() if ground_truth.is_file() else ""
+        with _reading(ground_truth, "download the devkit again"):
+            return (folder / META_MAT).read_bytes(), ground_truth.read_text() if ground_truth.is_file() else ""
     if archive.is_file():
         with _reading(archive, "download the devkit again"), tarfile.open(archive, "r:*") as tar:
             files = {member.name: member for member in _tar_files(tar)}
@@ -226,8 +233,8 @@ def devkit_val_labels(meta_mat: bytes, ground_truth: str) -> tuple[dict[str, str
     ids, names = read_devkit_synsets(meta_mat)
     labels = {}
     for number, line in enumerate(ground_truth.split(), start=1):
-        if int(line) not in ids:
-            raise DatasetError(f"devkit ground truth line {number} holds ILSVRC2012_ID {line}, which meta.mat lacks")
+        if not line.isdigit() or int(line) not in ids:
+            raise DatasetError(f"devkit ground truth line {number} holds {line!r}, not an ILSVRC2012_ID of meta.mat")
         labels[f"ILSVRC2012_val_{number:08d}"] = ids[int(line)]
     return labels, names
 
@@ -236,8 +243,11 @@ def kaggle_val_labels(csv_path: Path) -> dict[str, str]:
     """LOC_val_solution.csv -> {ImageId: wnid}; the first token of PredictionString is the class."""
     if not csv_path.is_file():
         raise DatasetError(f"{csv_path} not found: the Kaggle layout needs it for validation labels")
-    with csv_path.open(newline="") as file:
-        rows = list(csv.DictReader(file))
+    with (
+        _reading(csv_path, f"download Kaggle's {KAGGLE_VAL_CSV} again"),
+        csv_path.open(newline="", encoding="utf-8-sig") as file,
+    ):
+        rows = list(csv.DictReader(file))  # utf-8-sig: a byte-order mark is not part of the first column's name
     if rows and not {"ImageId", "PredictionString"} <= set(rows[0]):
         raise DatasetError(f"{csv_path} has no ImageId and PredictionString columns: is it Kaggle's {KAGGLE_VAL_CSV}?")
     predictions = {row["ImageId"]: (row["PredictionString"] or "").split() for row in rows}
@@ -320,7 +330,7 @@ def _class_prefixed_keys(records: list[Record]) -> list[Record]:
     for record in records:
         classes_of.setdefault(record.key, set()).add(record.wnid)
     return [
-        dataclasses.replace(record, key=f"{sample_key(record.wnid)}_{record.key}")
+        dataclasses.replace(record, key=f"{_key_safe(record.wnid)}_{record.key}")
         if len(classes_of[record.key]) > 1
         else record
         for record in records

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import tarfile
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -82,6 +83,12 @@ def _tar_member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def temporary_path(path: Path, suffix: str = "") -> Path:
+    """A hidden name beside ``path`` to write into before the rename: process id and a random token, because jobs
+    on other machines or in other containers (their own pid namespaces) may be writing beside it too."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+
+
 def write_shard(path: str | Path, samples: Iterable[Sample]) -> int:
     """Write a WebDataset tar and its DALI index; both appear under their final names only when complete.
 
@@ -90,8 +97,7 @@ def write_shard(path: str | Path, samples: Iterable[Sample]) -> int:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_tar = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp_idx = index_path(path).with_name(f".{index_path(path).name}.tmp-{os.getpid()}")
+    tmp_tar, tmp_idx = temporary_path(path), temporary_path(index_path(path))
     lines = []
     # POSIX (pax) format: plain one-block ustar headers, plus an extended header for a name over 100 bytes
     with tarfile.open(tmp_tar, "w", format=tarfile.PAX_FORMAT) as tar:
@@ -113,7 +119,7 @@ def write_shard(path: str | Path, samples: Iterable[Sample]) -> int:
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write text under a temporary name, then rename: readers never see half a file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -181,7 +187,7 @@ class PixelStats:
     def save(self, root: str | Path) -> None:
         """Write ``stats.npz`` and a readable ``stats.json`` (everything but the mean image), atomically."""
         root = Path(root)
-        tmp = root / f".{STATS_FILE}.tmp-{os.getpid()}.npz"
+        tmp = temporary_path(root / STATS_FILE, ".npz")  # np.savez appends .npz to any other name
         np.savez(tmp, **{name: np.asarray(getattr(self, name)) for name in self.FIELDS})
         os.replace(tmp, root / STATS_FILE)
         readable = {name: np.asarray(getattr(self, name)).tolist() for name in self.FIELDS if name != "mean_image"}

@@ -36,6 +36,7 @@ from preprocess.shard_format import (
     index_path,
     read_meta,
 )
+from preprocess.stats import PixelAccumulator
 
 
 def _check_index(path: Path, members: Sequence[tarfile.TarInfo], count: int) -> list[str]:
@@ -53,8 +54,10 @@ def _check_index(path: Path, members: Sequence[tarfile.TarInfo], count: int) -> 
     return [] if listed == actual else [f"{idx}: offsets or sizes differ from the tar's members; rebuild the shard"]
 
 
-def check_shard(path: Path, expected: dict, image_size: int, num_classes: int) -> tuple[list[str], list[str]]:
-    """(problems, keys) of one shard checked against its meta.json entry."""
+def check_shard(
+    path: Path, expected: dict, image_size: int, num_classes: int, stats: PixelAccumulator | None = None
+) -> tuple[list[str], list[str]]:
+    """(problems, keys) of one shard checked against its meta.json entry; its images are added to ``stats``."""
     if not path.is_file():
         return [f"{path}: missing"], []
     problems = []
@@ -87,19 +90,36 @@ def check_shard(path: Path, expected: dict, image_size: int, num_classes: int) -
         if image is None or image.shape != (image_size, image_size, 3):
             shape = None if image is None else image.shape
             problems.append(f"{where}: image decodes to {shape}, expected {(image_size, image_size, 3)}")
+        elif stats is not None:
+            stats.add(np.ascontiguousarray(image[..., ::-1]))  # OpenCV's BGR: the RGB pixels build_shards summed
     return problems, list(samples)
 
 
-def _check_shard_args(args: tuple) -> tuple[list[str], list[str]]:
-    return check_shard(*args)
+def _check_shard_job(job: tuple) -> tuple[list[str], list[str], dict | None]:
+    """check_shard in a worker process; a training shard's pixel sums come back for the statistics check."""
+    path, expected, image_size, num_classes = job
+    stats = PixelAccumulator(image_size) if path.parent.name == "train" else None
+    problems, keys = check_shard(path, expected, image_size, num_classes, stats)
+    return problems, keys, stats.to_arrays() if stats is not None else None
 
 
-def _check_stats(root: Path, image_size: int, train_count: int) -> list[str]:
+def _check_stats(root: Path, image_size: int, train_count: int, recomputed: PixelStats | None) -> list[str]:
     try:
         stats = PixelStats.load(root)
     except DatasetError as err:
         return [str(err)]
     problems = []
+    if recomputed is not None and stats.mean_image.shape == recomputed.mean_image.shape:
+        differ = [
+            name
+            for name in ("mean_image", "mean", "cov", "eigval", "eigvec")
+            if not np.allclose(getattr(stats, name), getattr(recomputed, name), rtol=1e-9, atol=1e-9)
+        ]
+        if differ:
+            problems.append(
+                f"{root / STATS_FILE}: {', '.join(differ)} differ from the statistics of the training shards' "
+                "images (another dataset's, or a changed shard): re-run build_shards"
+            )
     if stats.mean_image.shape != (image_size, image_size, 3):
         problems.append(
             f"{root / STATS_FILE}: mean_image shape {stats.mean_image.shape}, expected {(image_size, image_size, 3)}"
@@ -132,13 +152,13 @@ def verify(root: str | Path, workers: int = 1, show_progress: bool = False) -> l
         for split, info in meta["splits"].items()
         for shard in info["shards"]
     ]
-    checked = _map(_check_shard_args, jobs, workers)
+    checked = _map(_check_shard_job, jobs, workers)
     results = list(tqdm(checked, total=len(jobs), unit="shard", disable=not show_progress, dynamic_ncols=True))
-    problems = [problem for shard_problems, _ in results for problem in shard_problems]
+    problems = [problem for shard_problems, _, _ in results for problem in shard_problems]
     for split, info in meta["splits"].items():
         keys = [
             key
-            for job, (_, shard_keys) in zip(jobs, results, strict=True)
+            for job, (_, shard_keys, _) in zip(jobs, results, strict=True)
             if job[0].parent.name == split
             for key in shard_keys
         ]
@@ -147,7 +167,12 @@ def verify(root: str | Path, workers: int = 1, show_progress: bool = False) -> l
         if sum(shard["count"] for shard in info["shards"]) != info["count"]:
             problems.append(f"split {split}: shard counts do not add up to its count {info['count']}")
     if "train" in meta["splits"]:
-        problems += _check_stats(root, image_size, meta["splits"]["train"]["count"])
+        sums = PixelAccumulator(image_size)
+        for _, _, arrays in results:
+            if arrays is not None:
+                sums.merge(PixelAccumulator.from_arrays(arrays))
+        recomputed = sums.finalize() if sums.images else None
+        problems += _check_stats(root, image_size, meta["splits"]["train"]["count"], recomputed)
     return problems
 
 

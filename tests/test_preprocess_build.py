@@ -186,6 +186,35 @@ def test_killed_run_resumes_to_the_same_output(digits_src, tmp_path):
     assert not list(out.rglob("*.tmp-*"))
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_stopped_run_leaves_no_worker_behind(stop, digits_src, tmp_path):
+    """`kill` or a scheduler stops the main process only: its worker processes must not live on."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "preprocess.build_shards", f"src={digits_src}", f"out={out}"]
+    command += ["image_size=48", "shard_size=8", "workers=2", "show_progress=false"]
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 60
+    while not list((out / "parts").glob("train-*.npz")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(stop)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == (128 + signal.SIGTERM if stop == signal.SIGTERM else -signal.SIGKILL), stderr
+    if stop == signal.SIGTERM:
+        assert "interrupted: complete shards are kept" in stderr and "Traceback" not in stderr
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)  # anything left of the run's process group?
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("worker processes outlived the stopped run")
+
+
 def test_parts_share_the_work_and_the_last_one_merges(shard_root, digits_src, tmp_path):
     out = tmp_path / "parts"
     first = build_shards(
@@ -199,6 +228,15 @@ def test_parts_share_the_work_and_the_last_one_merges(shard_root, digits_src, tm
     assert second["complete"] and second["shards_written"] == 2
     assert shard_bytes(out) == shard_bytes(shard_root)
     assert (out / "meta.json").read_text() == (shard_root / "meta.json").read_text()
+
+
+def test_the_first_plan_written_wins_and_later_ones_are_compared_with_it(tmp_path):
+    """Part jobs with different settings starting together: one creates plan.json, the other must match it."""
+    from preprocess.build_shards import _create_once
+
+    _create_once(tmp_path / "plan.json", "first")
+    _create_once(tmp_path / "plan.json", "second")
+    assert (tmp_path / "plan.json").read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["plan.json"]
 
 
 def test_concurrent_part_jobs_on_an_empty_folder_give_the_same_dataset(shard_root, digits_src, tmp_path):
@@ -283,6 +321,8 @@ def test_out_folder_of_another_dataset_is_refused(shard_root, digits_src, tmp_pa
         ({"seed": -1}, "seed=-1 must be an integer >= 0"),
         ({"shard_size": True}, "shard_size=True must be an integer"),
         ({"part": 2, "parts": 2}, "0 <= part < parts"),
+        ({"splits": 5}, "splits=5 must be train, val or a list of them"),
+        ({"splits": []}, "splits=[] must be train, val or a list of them"),
     ],
 )
 def test_bad_options_are_one_line_errors_before_any_work(option, message, digits_src, tmp_path):
@@ -346,6 +386,9 @@ def test_verify_accepts_good_shards_and_catches_tampering(shard_root, tmp_path):
     rewrite_shard(root, "val", samples[:-1], update_meta=True)
     assert any("39 samples, meta.json says 40" in p for p in verify(root))
 
+    stats = PixelStats.load(root)  # statistics of other images: the right shapes and count, other values
+    PixelStats(**{**vars(stats), "mean_image": stats.mean_image + 0.01}).save(root)
+    assert any("mean_image differ from the statistics of the training shards' images" in p for p in verify(root))
     stats = root / "stats.npz"
     stats.write_bytes(stats.read_bytes()[: stats.stat().st_size // 2])
     assert any("stats.npz is damaged" in p for p in verify(root))

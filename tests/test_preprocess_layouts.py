@@ -231,6 +231,15 @@ def test_generic_imagefolder_names_stray_files_and_repeated_names(tmp_path):
     assert verify(out) == []  # its checks include the DALI index of every shard, keys with spaces made _
 
 
+def test_class_folders_with_dots_keep_their_repeated_file_names_apart(tmp_path):
+    for wnid in ("cat.v1", "cat.v2"):
+        (tmp_path / "train" / wnid).mkdir(parents=True)
+        (tmp_path / "train" / wnid / "0001.jpg").write_bytes(photo_jpeg(1))
+    dataset = scan(tmp_path, ("train",))
+    assert [record.key for record in dataset.records["train"]] == ["cat_v1_0001", "cat_v2_0001"]
+    assert dataset.unusable == []
+
+
 def test_flat_val_folder_in_imagefolder_layout_is_one_clear_line(sources, tmp_path):
     src = shutil.copytree(sources["imagefolder"], tmp_path / "src")
     for path in list((src / "val").rglob("*.JPEG")):
@@ -259,6 +268,17 @@ def test_damaged_archives_and_label_files_are_one_clear_line(sources, tmp_path):
     solution.write_text("\n".join([lines[0], f"{first_id},", *lines[2:]]) + "\n")  # a row without a box
     dataset = scan(kaggle, ("val",))
     assert [entry["reason"] for entry in dataset.unusable] == [f"no val label for key {first_id}"]
+    solution.write_text("\ufeff" + solution.read_text(), encoding="utf-8")  # a byte-order mark (Excel's CSVs)
+    assert len(scan(kaggle, ("val",)).records["val"]) == len(VAL_IDS) - 1
+    mapping = kaggle / "LOC_synset_mapping.txt"
+    mapping.write_bytes(mapping.read_bytes() + b"n04000004 caf\xe9\n")  # Latin-1, not UTF-8
+    with pytest.raises(DatasetError, match="LOC_synset_mapping.txt is damaged or truncated.*UTF-8"):
+        scan(kaggle, ("val",))
+    mapping.write_bytes(mapping.read_bytes()[: -len(b"n04000004 caf\xe9\n")])
+    official = shutil.copytree(sources["official-val-folder"], tmp_path / "official")  # the devkit as a folder
+    (official / "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt").write_text("1\n2\nx\n")
+    with pytest.raises(DatasetError, match="ground truth line 3 holds 'x'"):
+        scan(official, ("val",))
     solution.write_text("id,label\nx,y\n")
     with pytest.raises(DatasetError, match="no ImageId and PredictionString columns"):
         scan(kaggle, ("val",))
