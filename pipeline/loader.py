@@ -210,8 +210,12 @@ class Loader:
         }
 
     def load_state_dict(self, state: Mapping) -> None:
-        if state["identity"] != self._identity():
-            saved, mine = state["identity"], self._identity()
+        saved, mine = dict(state["identity"]), self._identity()
+        # states written before backends had names carry the class name; DALI's then says if its graph differs
+        saved["backend"] = {"TorchBackend": "torch", "DaliBackend": self.backend.name}.get(
+            saved["backend"], saved["backend"]
+        )
+        if saved != mine:
             raise DatasetError(
                 f"loader state is for {saved}, this loader is {mine}: resume with the same data config and world size"
             )

@@ -249,13 +249,14 @@ def _exit_when_orphaned(parent: int) -> None:
     os._exit(1)
 
 
-def _init_worker(queue: mp.Queue) -> None:
+def _init_worker(queue: mp.Queue, parent: int) -> None:
     global _queue
     import cv2
 
     cv2.setNumThreads(1)  # one process per core already
     _queue = queue
-    threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
+    # the parent's pid as it started this worker: after slow imports, os.getppid() may already be 1
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
 
 
 def _pool_task(task: ShardTask) -> dict:
@@ -270,7 +271,7 @@ def run_tasks(tasks: Sequence[ShardTask], workers: int, on_images: Callable[[int
     queue = ctx.Queue()
     drain = threading.Thread(target=lambda: [on_images(n) for n in iter(queue.get, None)], daemon=True)
     drain.start()
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue, os.getpid()))
     try:
         return sum(info["count"] for info in pool.map(_pool_task, tasks))
     except BrokenProcessPool:

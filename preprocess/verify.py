@@ -153,24 +153,22 @@ def verify(root: str | Path, workers: int = 1, show_progress: bool = False) -> l
         for shard in info["shards"]
     ]
     checked = _map(_check_shard_job, jobs, workers)
-    results = list(tqdm(checked, total=len(jobs), unit="shard", disable=not show_progress, dynamic_ncols=True))
-    problems = [problem for shard_problems, _, _ in results for problem in shard_problems]
+    problems: list[str] = []
+    keys_by_split: dict[str, list[str]] = {split: [] for split in meta["splits"]}
+    sums = PixelAccumulator(image_size)  # merged as the shards come: one shard's sums in memory, not all
+    progress = tqdm(checked, total=len(jobs), unit="shard", disable=not show_progress, dynamic_ncols=True)
+    for job, (shard_problems, shard_keys, arrays) in zip(jobs, progress, strict=True):
+        problems += shard_problems
+        keys_by_split[job[0].parent.name] += shard_keys
+        if arrays is not None:
+            sums.merge(PixelAccumulator.from_arrays(arrays))
     for split, info in meta["splits"].items():
-        keys = [
-            key
-            for job, (_, shard_keys, _) in zip(jobs, results, strict=True)
-            if job[0].parent.name == split
-            for key in shard_keys
-        ]
+        keys = keys_by_split[split]
         if len(set(keys)) != len(keys):
             problems.append(f"split {split}: {len(keys) - len(set(keys))} sample keys appear more than once")
         if sum(shard["count"] for shard in info["shards"]) != info["count"]:
             problems.append(f"split {split}: shard counts do not add up to its count {info['count']}")
     if "train" in meta["splits"]:
-        sums = PixelAccumulator(image_size)
-        for _, _, arrays in results:
-            if arrays is not None:
-                sums.merge(PixelAccumulator.from_arrays(arrays))
         recomputed = sums.finalize() if sums.images else None
         problems += _check_stats(root, image_size, meta["splits"]["train"]["count"], recomputed)
     return problems
