@@ -110,10 +110,13 @@ def _check_stats(root: Path, image_size: int, train_count: int, recomputed: Pixe
         return [str(err)]
     problems = []
     if recomputed is not None and stats.mean_image.shape == recomputed.mean_image.shape:
+        # equal up to what another build of the JPEG decoder could change (a rare pixel off by one); another
+        # dataset's statistics, or those of other JPEG settings, differ by far more
+        tolerance = {"mean_image": 0.01, "mean": 0.01, "cov": 1e-4, "eigval": 1e-4, "eigvec": 1e-4}
         differ = [
             name
-            for name in ("mean_image", "mean", "cov", "eigval", "eigvec")
-            if not np.allclose(getattr(stats, name), getattr(recomputed, name), rtol=1e-9, atol=1e-9)
+            for name, atol in tolerance.items()
+            if not np.allclose(getattr(stats, name), getattr(recomputed, name), rtol=1e-4, atol=atol)
         ]
         if differ:
             problems.append(

@@ -22,6 +22,7 @@ from PIL import Image
 
 from preprocess.build_shards import build_shards
 from preprocess.shard_format import DatasetError, PixelStats, Sample, read_meta, shard_paths, write_shard
+from preprocess.stats import PixelAccumulator
 from preprocess.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -386,9 +387,11 @@ def test_verify_accepts_good_shards_and_catches_tampering(shard_root, tmp_path):
     rewrite_shard(root, "val", samples[:-1], update_meta=True)
     assert any("39 samples, meta.json says 40" in p for p in verify(root))
 
-    stats = PixelStats.load(root)  # statistics of other images: the right shapes and count, other values
-    PixelStats(**{**vars(stats), "mean_image": stats.mean_image + 0.01}).save(root)
-    assert any("mean_image differ from the statistics of the training shards' images" in p for p in verify(root))
+    other = PixelAccumulator(SIZE)  # statistics of other images (the val split's): another dataset's stats.npz
+    for *_, jpeg in read_with_webdataset(root, "val"):
+        other.add(decode(jpeg))
+    other.finalize().save(root)
+    assert any("mean_image, mean, cov, eigval, eigvec differ from the statistics" in p for p in verify(root))
     stats = root / "stats.npz"
     stats.write_bytes(stats.read_bytes()[: stats.stat().st_size // 2])
     assert any("stats.npz is damaged" in p for p in verify(root))
