@@ -19,6 +19,7 @@ How it runs, so that the output is byte-identical whatever the number of workers
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -237,9 +238,18 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum: int, frame: object) -> None:
-    for worker in mp.active_children():  # a plain SIGTERM reaches this process only, not its workers
-        worker.terminate()
     raise Terminated
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Processes started inside inherit an ignored SIGINT: a terminal's Ctrl-C reaches the whole process group,
+    and the main process alone handles it (workers would each print a traceback)."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _exit_when_orphaned(parent: int) -> None:
@@ -273,13 +283,19 @@ def run_tasks(tasks: Sequence[ShardTask], workers: int, on_images: Callable[[int
     drain.start()
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue, os.getpid()))
     try:
-        return sum(info["count"] for info in pool.map(_pool_task, tasks))
+        with _sigint_ignored():
+            results = pool.map(_pool_task, tasks)  # submits every task, which starts the workers
+        return sum(info["count"] for info in results)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Terminated): stop the shards being written too
+        for worker in mp.active_children():
+            worker.terminate()
+        raise
     except BrokenProcessPool:
         raise DatasetError(
             "a worker process died (killed, or out of memory: try fewer workers=); re-run the same command to resume"
         ) from None
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # on Ctrl-C or an error: no new shards, only running ones end
+        pool.shutdown(wait=True, cancel_futures=True)
         queue.put(None)
         drain.join()
 
