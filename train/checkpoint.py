@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from preprocess.shard_format import temporary_path
+
 REQUIRED_KEYS = ("model", "optimizer", "schedule", "epoch", "step", "rng", "loader", "config", "metrics")
 
 
@@ -64,15 +66,11 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     ]
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, then rename: ``path`` is always whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
+    tmp = temporary_path(path)
     with open(tmp, "wb") as handle:
         torch.save(state, handle)
         handle.flush()
@@ -83,7 +81,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
 def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
     """Copy a checkpoint file under a temporary name, then rename (``best.pt`` from ``last.pt``)."""
     dst = Path(dst)
-    tmp = _temporary(dst)
+    tmp = temporary_path(dst)
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
 
