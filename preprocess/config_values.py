@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from preprocess.shard_format import DatasetError
@@ -111,3 +111,12 @@ def as_choice(key: str, value: Any, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ConfigValueError(f"{key}={value!r} is not one of {'|'.join(choices)}")
     return value
+
+
+def as_group(group: str, values: Mapping[str, Any], checks: Mapping[str, Callable[[str, Any], Any]]) -> dict[str, Any]:
+    """A config group's values, each converted by its check (called with the key as typed, ``group.key``); a key
+    without a check is an error naming the known ones."""
+    unknown = sorted(set(values) - set(checks))
+    if unknown:
+        raise ConfigValueError(f"{group} has unknown keys {unknown}: the known ones are {sorted(checks)}")
+    return {key: checks[key](f"{group}.{key}", value) for key, value in values.items()}

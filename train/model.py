@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from preprocess.config_values import as_bool, as_choice, as_float, as_int
+from preprocess.config_values import as_bool, as_choice, as_float, as_group, as_int
 
 LRN_SIZE = 5
 LRN_ALPHA = 1e-4  # as printed in the paper, NOT divided by LRN_SIZE
@@ -114,10 +114,7 @@ def check_model(model_cfg: Mapping) -> dict[str, Any]:
         "width": partial(as_float, low=0, low_open=True),
         "init": partial(as_choice, choices=tuple(INITS)),
     }
-    unknown = sorted(set(model_cfg) - set(checks))
-    if unknown:
-        raise ModelConfigError(f"model has unknown keys {unknown}: the known ones are {sorted(checks)}")
-    return {key: checks[key](f"model.{key}", value) for key, value in model_cfg.items()}
+    return as_group("model", model_cfg, checks)
 
 
 class AlexNet(nn.Module):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from preprocess.config_values import ConfigValueError, as_bool, as_choice, as_float
+from preprocess.config_values import as_bool, as_choice, as_float, as_group
 
 REFERENCE_BATCH = 128  # the paper's batch size, the base of the linear scaling rule
 
@@ -65,11 +65,8 @@ def check_optim(optim_cfg: Mapping) -> dict[str, Any]:
         "weight_decay": partial(as_float, low=0),
         "scale_lr_with_batch": as_bool,
     }
-    unknown = sorted(set(optim_cfg) - set(checks))
-    if unknown:
-        raise ConfigValueError(f"optim has unknown keys {unknown}: the known ones are {sorted(checks)}")
-    given = {"scale_lr_with_batch": False, **optim_cfg}
-    return {key: check(f"optim.{key}", given.get(key)) for key, check in checks.items()}
+    # every key but scale_lr_with_batch is required: a missing one is None, which its check refuses
+    return as_group("optim", {**dict.fromkeys(checks), "scale_lr_with_batch": False, **optim_cfg}, checks)
 
 
 def build_optimizer(model: nn.Module, optim_cfg: Mapping, *, batch_size: int) -> torch.optim.Optimizer:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from preprocess.config_values import ConfigValueError, as_choice, as_float, as_int
+from preprocess.config_values import as_choice, as_float, as_group, as_int
 
 SCHEDULES = ("plateau", "step", "cosine")
 
@@ -145,7 +145,8 @@ def _step_epochs(key: str, value: Any) -> int | list[int]:
     return as_int(key, value, low=1)
 
 
-OPTION_CHECKS: dict[str, Callable[[str, Any], Any]] = {
+CHECKS: dict[str, Callable[[str, Any], Any]] = {
+    "name": partial(as_choice, choices=SCHEDULES),
     "warmup_epochs": partial(as_float, low=0),
     "factor": partial(as_float, low=0, low_open=True),  # > 1 is allowed: it raises the lr (a test diverges a run so)
     "patience": partial(as_int, low=1),
@@ -162,12 +163,7 @@ def check_schedule(schedule_cfg: Mapping) -> dict[str, Any]:
     Pure (no optimizer needed), so a command can run it before starting any worker; a bad key or value is a
     one-line ``ConfigValueError`` naming it.
     """
-    options = dict(schedule_cfg)
-    unknown = sorted(set(options) - {"name", *OPTION_CHECKS})
-    if unknown:
-        raise ConfigValueError(f"schedule has unknown keys {unknown}: the known ones are {sorted(OPTION_CHECKS)}")
-    name = as_choice("schedule.name", options.pop("name", None), SCHEDULES)
-    return {"name": name} | {key: OPTION_CHECKS[key](f"schedule.{key}", value) for key, value in options.items()}
+    return as_group("schedule", {"name": None, **schedule_cfg}, CHECKS)
 
 
 def build_schedule(
