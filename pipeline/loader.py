@@ -56,7 +56,7 @@ class DaliBackend:
     ) -> None:
         # DALI is imported only when used, so data.loader=torch also runs where it is not installed
         from pipeline.crops import CropNormalizer
-        from pipeline.dali import MeanImage, output_names
+        from pipeline.dali import DRAW_OUTPUTS, MeanImage, output_names
 
         in_graph = gpu if normalize_in_graph is None else normalize_in_graph
         self.name = f"dali ({'normalizing on the GPU' if in_graph else 'decoding'} graph)"  # checkpoints fit one
@@ -66,6 +66,7 @@ class DaliBackend:
         self.plan, self.norm, self.gpu, self.device_id, self.debug = plan, norm, gpu, device_id, debug
         self.tencrop = plan.mode == "tencrop"
         self.output_names = output_names(self.tencrop, debug)
+        self.draw_names = () if self.tencrop else DRAW_OUTPUTS
         self.pipe = self._make()
         self.ran = 0
         device = torch.device("cuda", device_id) if gpu else torch.device("cpu")
@@ -106,13 +107,11 @@ class DaliBackend:
             for _ in range(self.per_epoch - self.ran):
                 self.pipe.run()
             self.ran = 0
-        from pipeline.dali import DRAW_OUTPUTS
-
         for index in range(start, self.plan.num_batches):
             outputs = dict(zip(self.output_names, self.pipe.run(), strict=True))
             self.ran += 1
             real = self.plan.real_in_batch(index)
-            draws = () if self.tencrop else tuple(np.asarray(outputs[name].as_tensor()) for name in DRAW_OUTPUTS)
+            draws = tuple(np.asarray(outputs[name].as_tensor()) for name in self.draw_names)
             if self.crops is not None:
                 images = self.crops(np.asarray(outputs["images"].as_tensor()), *draws)[:real]
             else:
