@@ -30,19 +30,22 @@ class ConfigValueError(DatasetError, ValueError):
     """
 
 
-def _bounds(low: float | None, high: float | None, low_open: bool = False) -> str:
-    """`` within 1..100``, `` >= 0``, `` > 0``, `` > 0 and <= 1``, `` <= 5`` or nothing."""
-    above = f"> {low}" if low_open else f">= {low}"
-    if low is not None and high is not None:
-        return f" {above} and <= {high}" if low_open else f" within {low}..{high}"
-    if low is not None:
-        return f" {above}"
-    return "" if high is None else f" <= {high}"
+def _bounds(low: float | None, high: float | None, low_open: bool = False, high_open: bool = False) -> str:
+    """`` within 1..100``, `` >= 0``, `` > 0 and <= 1``, `` >= 0 and < 1``, `` <= 5`` or nothing."""
+    if low is not None and high is not None and not (low_open or high_open):
+        return f" within {low}..{high}"
+    above = None if low is None else f"{'>' if low_open else '>='} {low}"
+    below = None if high is None else f"{'<' if high_open else '<='} {high}"
+    parts = [part for part in (above, below) if part]
+    return " " + " and ".join(parts) if parts else ""
 
 
-def _within(number: float, low: float | None, high: float | None, low_open: bool = False) -> bool:
+def _within(
+    number: float, low: float | None, high: float | None, low_open: bool = False, high_open: bool = False
+) -> bool:
     above = low is None or (number > low if low_open else number >= low)
-    return above and (high is None or number <= high)
+    below = high is None or (number < high if high_open else number <= high)
+    return above and below
 
 
 def _number(value: Any) -> int | float | None:
@@ -88,12 +91,18 @@ def as_optional_int(key: str, value: Any, low: int | None = None, high: int | No
 
 
 def as_float(
-    key: str, value: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False
+    key: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
 ) -> float:
-    """``value`` as a finite float within ``low..high`` (``low_open``: strictly above ``low``)."""
+    """``value`` as a finite float within ``low..high`` (``low_open``/``high_open``: excluding that bound)."""
     number = _number(value)
-    if number is None or not _within(float(number), low, high, low_open):
-        raise ConfigValueError(f"{key}={value!r} must be a number{_bounds(low, high, low_open)}")
+    if number is None or not _within(float(number), low, high, low_open, high_open):
+        raise ConfigValueError(f"{key}={value!r} must be a number{_bounds(low, high, low_open, high_open)}")
     return float(number)
 
 

@@ -66,6 +66,7 @@ def test_as_optional_int_lets_null_through_and_says_so() -> None:
 
 def test_as_float() -> None:
     assert as_float("k", 1) == 1.0 and as_float("k", "0.5", 0, 1) == 0.5 and as_float("k", 0, low=0) == 0.0
+    assert as_float("k", 0.999, 0, 1, high_open=True) == 0.999
     cases = [
         (("x", None, None), {}, "k='x' must be a number"),
         ((False, None, None), {}, "k=False must be a number"),
@@ -74,6 +75,8 @@ def test_as_float() -> None:
         ((0, 0, None), {"low_open": True}, "k=0 must be a number > 0"),
         ((0, 0, 1), {"low_open": True}, "k=0 must be a number > 0 and <= 1"),
         ((1.5, 0, 1), {}, "k=1.5 must be a number within 0..1"),
+        ((1, 0, 1), {"high_open": True}, "k=1 must be a number >= 0 and < 1"),
+        ((1.0, None, 1), {"high_open": True}, "k=1.0 must be a number < 1"),
     ]
     for args, keywords, message in cases:
         with pytest.raises(ConfigValueError) as err:

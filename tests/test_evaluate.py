@@ -17,7 +17,7 @@ from webdataset.tariterators import tarfile_samples
 
 from preprocess.shard_format import PixelStats, read_meta, shard_paths
 from train.checkpoint import save_checkpoint
-from train.evaluate import quote_path_lists, run, split_paths
+from train.evaluate import multi_crop_name, quote_path_lists, run, split_paths
 from train.model import AlexNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -214,3 +214,9 @@ def test_help_lists_its_options_not_the_trainers_config_groups() -> None:
     )
     assert done.returncode == 0 and "tencrop: true" in done.stdout and "mirror: auto" in done.stdout, done.stderr
     assert "experiment" not in done.stdout and "Configuration groups" not in done.stdout
+
+
+def test_summary_names_the_patches_every_model_averaged() -> None:
+    assert multi_crop_name([10, 10]) == "ten-crop"
+    assert multi_crop_name([5]) == "five-crop (no mirrored patches)"
+    assert multi_crop_name([10, 5]) == "multi-crop (10/5 patches per model)"  # not "ten-crop" for a mixed ensemble

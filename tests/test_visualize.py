@@ -109,6 +109,17 @@ def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path: Path, shard_root: P
     assert not (tmp_path / "f").exists() or not any((tmp_path / "f").iterdir())
 
 
+def test_a_wrong_data_root_is_reported_before_the_out_folder_is_made(tmp_path: Path, shard_root: Path) -> None:
+    checkpoint = save_run(tmp_path / "run", shard_root)
+    cfg = OmegaConf.to_container(OmegaConf.load("conf/visualize.yaml"))
+    cfg.pop("defaults"), cfg.pop("hydra")
+    cfg.update(checkpoint=str(checkpoint), out=str(tmp_path / "figures"))
+    cfg["data"]["root"] = str(tmp_path / "no-shards")
+    with pytest.raises(DatasetError, match="no-shards"):
+        visualize(cfg)
+    assert not (tmp_path / "figures").exists()
+
+
 def test_class_names_fit_beside_their_bars() -> None:
     meta = {
         "classes": [

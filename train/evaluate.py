@@ -232,6 +232,14 @@ class EvalOptions:
         return options
 
 
+def multi_crop_name(patches: list[int]) -> str:
+    """What the summary line calls the multi-patch test of models averaging ``patches`` patches each."""
+    kinds = {10: "ten-crop", 5: "five-crop (no mirrored patches)"}
+    if len(set(patches)) == 1 and patches[0] in kinds:
+        return kinds[patches[0]]
+    return "multi-crop (" + "/".join(str(n) for n in patches) + " patches per model)"
+
+
 def writable_out(out: Any) -> Path | None:
     """``out`` (None when not given) once its folder exists and takes a new file: checked before evaluating."""
     if out is None or str(out) == "":
@@ -277,8 +285,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     print(format_table(result))
     summary = f"top-1 error {result['top1_err']:.2%} centre crop"
     if result["tencrop_top1_err"] is not None:
-        crops = "ten-crop" if max(out["patches"]) == 10 else "five-crop (no mirrored patches)"
-        summary += f", {result['tencrop_top1_err']:.2%} {crops}"
+        summary += f", {result['tencrop_top1_err']:.2%} {multi_crop_name(out['patches'])}"
     summary += f" on {result['count']} val images in {result['seconds']:.1f} s"
     if out_path is not None:
         write_json_atomic(out_path, result)

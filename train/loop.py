@@ -42,14 +42,14 @@ from train.checkpoint import (
 from train.config import ConfigError, TrainerConfig, check_batch
 from train.distributed import FORWARDED_SIGNALS, StopRun, chained_signal_handlers, worker_device
 from train.metrics import count_correct, errors_from_counts, patches_used, tencrop_probs
-from train.model import AlexNet, ModelConfigError, check_model
+from train.model import AlexNet, check_model
 from train.optim import build_optimizer
 from train.runlog import SUMMARY_FILE, RunLog
 from train.schedule import build_schedule
 
 EXIT_DIVERGED = 1
 EXIT_BAD_INPUT = 2
-USER_ERRORS = (DatasetError, ConfigError, CheckpointError, ModelConfigError)
+USER_ERRORS = (DatasetError, ConfigError, CheckpointError)
 CHECKPOINT_DIR = "checkpoints"
 
 

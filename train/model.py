@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from preprocess.config_values import as_bool, as_choice, as_float, as_group, as_int
+from preprocess.config_values import ConfigValueError, as_bool, as_choice, as_float, as_group, as_int
 
 LRN_SIZE = 5
 LRN_ALPHA = 1e-4  # as printed in the paper, NOT divided by LRN_SIZE
@@ -53,10 +53,6 @@ ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 INITS = ("paper", "kaiming")
 
 
-class ModelConfigError(ValueError):
-    """A model setting that cannot work; the message is one line naming the setting and the fix."""
-
-
 def conv_out(size: int, kernel: int, stride: int = 1, padding: int = 0) -> int:
     """Output size of a convolution or pooling window, rounded down as PyTorch does."""
     return (size + 2 * padding - kernel) // stride + 1
@@ -72,7 +68,7 @@ def feature_sizes(crop_size: int, overlapping_pool: bool = True) -> dict[str, in
         if name in POOLED:
             size = conv_out(size, pool_kernel, 2)
         if size < 1:
-            raise ModelConfigError(
+            raise ConfigValueError(
                 f"crop_size={crop_size} is too small for AlexNet: maps vanish after {name}; use crop_size 63 or more"
             )
     sizes["pool5"] = size
@@ -110,7 +106,7 @@ def check_model(model_cfg: Mapping) -> dict[str, Any]:
         "lrn": as_bool,
         "overlapping_pool": as_bool,
         "activation": partial(as_choice, choices=tuple(ACTIVATIONS)),
-        "dropout": partial(as_float, low=0, high=1),
+        "dropout": partial(as_float, low=0, high=1, high_open=True),
         "width": partial(as_float, low=0, low_open=True),
         "init": partial(as_choice, choices=tuple(INITS)),
     }
@@ -144,16 +140,17 @@ class AlexNet(nn.Module):
         init: str = "paper",
     ):
         super().__init__()
-        if columns not in (1, 2):
-            raise ModelConfigError(f"model.columns={columns} is not supported: use 1 or 2")
-        if activation not in ACTIVATIONS:
-            raise ModelConfigError(f"model.activation={activation!r} is unknown: use one of {sorted(ACTIVATIONS)}")
-        if width <= 0:
-            raise ModelConfigError(f"model.width={width} must be positive (1.0 is the paper's network)")
-        if init not in INITS:
-            raise ModelConfigError(f"model.init={init!r} is unknown: use one of {list(INITS)}")
-        if not 0.0 <= dropout < 1.0:
-            raise ModelConfigError(f"model.dropout={dropout} must be in [0, 1)")
+        check_model(  # a bad value: one line naming it
+            dict(
+                columns=columns,
+                lrn=lrn,
+                overlapping_pool=overlapping_pool,
+                activation=activation,
+                dropout=dropout,
+                width=width,
+                init=init,
+            )
+        )
         self.columns = columns
         self.activation = activation
         self.init = init

@@ -221,6 +221,7 @@ def visualize(cfg: Mapping[str, Any]) -> list[Path]:
     checkpoint = load_checkpoint(checkpoint_path)
     config = checkpoint["config"]
     data = eval_data_config(config["data"], dict(cfg["data"]), sizes["batch_size"])
+    meta_names = class_names(read_meta(DataSpec.from_cfg(data).root))
     out = Path(cfg["out"])
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +229,6 @@ def visualize(cfg: Mapping[str, Any]) -> list[Path]:
         raise DatasetError(f"out={out} cannot hold the figures ({err.strerror}): choose another out=") from None
 
     val = collect(data, "val", "center", sizes["predictions"], seed)
-    meta_names = class_names(read_meta(DataSpec.from_cfg(data).root))
     model = trained_model(checkpoint_path, checkpoint, data, len(meta_names))
     batch = sizes["batch_size"]
 
