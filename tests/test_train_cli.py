@@ -169,6 +169,33 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(reference_run: Path
     assert scalars["step/loss"] == list(range(1, 21)) and scalars["epoch/val_top1_err"] == [10, 20]
 
 
+def test_ctrl_c_with_one_device_saves_and_the_same_command_resumes(shard_root: Path, tmp_path: Path) -> None:
+    """One device runs its rank in the launching process, where Ctrl-C lands: a graceful stop, not a traceback."""
+    run_dir = tmp_path / "run"
+    overrides = [
+        o if o != "trainer.devices=2" else "trainer.devices=1" for o in two_rank_overrides(shard_root, run_dir)
+    ]
+    process = subprocess.Popen(
+        command(*overrides), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, stderr
+    assert stderr.strip().count("\n") == 0 and "stopped by SIGINT" in stderr, stderr
+    assert "Ctrl-C again" in stdout
+    interrupted = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert interrupted["step"] < 20 and interrupted["step_in_epoch"] > 0
+
+    resumed = train(tmp_path, *overrides)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] == 20
+    assert [r["step"] for r in records(run_dir, "step")] == list(range(1, 21))
+
+
 def test_resume_refuses_other_settings_or_other_data_but_not_moved_data(
     reference_run: Path, shard_root: Path, tmp_path: Path
 ) -> None:

@@ -166,8 +166,9 @@ def chained_signal_handlers(signals: tuple[signal.Signals, ...], handler: Callab
         for sig, old in previous.items():
             signal.signal(sig, old)
         for signum in dict.fromkeys(received):
-            if callable(previous.get(signum)):
-                previous[signum](signum, None)
+            outer = previous.get(signum)
+            if callable(outer) and outer is not signal.default_int_handler:  # not a KeyboardInterrupt after all
+                outer(signum, None)
 
 
 @contextmanager

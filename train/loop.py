@@ -12,6 +12,7 @@ must agree to stop at the same step, or the others would hang in the next all-re
 from __future__ import annotations
 
 import math
+import os
 import random
 import signal
 import time
@@ -54,21 +55,28 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 class StopSignal:
-    """Remembers the first SIGTERM/SIGUSR1 received; acted on at the next synchronisation point."""
+    """Remembers the first SIGTERM/SIGUSR1/SIGINT received; acted on at the next synchronisation point. A second
+    Ctrl-C interrupts at once (no checkpoint)."""
 
     def __init__(self) -> None:
         self.signum = 0
 
     def __call__(self, signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT and self.signum:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
+            print("\nCtrl-C: stopping at the next log point with a checkpoint (Ctrl-C again: at once)", flush=True)
         self.signum = self.signum or signum
 
 
 @contextmanager
 def catching_stop_signals() -> Iterator[StopSignal]:
-    """Record SIGTERM/SIGUSR1 while inside; on leaving, an outer Python handler (e.g. submitit's requeue)
-    still gets the signal, after our checkpoint is written."""
+    """Record SIGTERM/SIGUSR1 while inside, and Ctrl-C where it reaches this process (a rank run in the launching
+    process, or torchrun's, which share the terminal; spawned ranks ignore it and get SIGTERM from their parent).
+    On leaving, an outer Python handler (e.g. submitit's requeue) still gets the signal, after our checkpoint."""
     stop = StopSignal()
-    with chained_signal_handlers(FORWARDED_SIGNALS, stop):
+    interrupt = () if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else (signal.SIGINT,)
+    with chained_signal_handlers(FORWARDED_SIGNALS + interrupt, stop):
         yield stop
 
 
@@ -337,7 +345,7 @@ class Trainer:
         )
 
     def stop_if_signalled(self) -> None:
-        """If any rank got SIGTERM/SIGUSR1, all save a checkpoint here and stop together."""
+        """If any rank got SIGTERM, SIGUSR1 or Ctrl-C, all save a checkpoint here and stop together."""
         flag = torch.tensor([self.stop.signum], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         signum = int(flag.item())
