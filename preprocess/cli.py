@@ -6,6 +6,7 @@ Imported by every stage's commands (preprocess, pipeline, train); preprocess is 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from hydra.errors import HydraException
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 def one_line(err: BaseException) -> str:
@@ -25,10 +27,14 @@ def one_line(err: BaseException) -> str:
 
 
 def run_cli(hydra_main: Callable[[], Any]) -> None:
-    """Run a ``@hydra.main`` function so that Hydra's own errors (unknown key, bad override) are one line, exit 2."""
+    """Run a ``@hydra.main`` function so that Hydra's own errors (unknown key, bad override) are one line, exit 2,
+    and a Ctrl-C that the command does not handle itself is one line, exit 130."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # makes Hydra raise them instead of printing a stack
     try:
         hydra_main()
     except HydraException as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)

@@ -237,3 +237,9 @@ def test_preview_answers_a_bad_switch_with_one_line(shard_root: Path, tmp_path: 
     out = tmp_path / "preview"
     line = one_line_exit_2("pipeline.preview", f"data.root={shard_root}", "data.random_crop=off", f"out={out}")
     assert line == "error: data.random_crop='off' must be true or false" and not out.exists()
+
+
+def test_a_ctrl_c_no_command_handles_is_one_line_and_exit_130() -> None:
+    driver = "from preprocess.cli import run_cli\ndef main():\n    raise KeyboardInterrupt\nrun_cli(main)"
+    result = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130 and result.stderr == "interrupted (Ctrl-C)\n"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -29,9 +30,21 @@ RUN_DIR = Path("outputs/demo/default")
 
 
 def run(command: list[str]) -> None:
-    """Run one step as a user would type it; stop the demo with that step's exit status if it fails."""
+    """Run one step as a user would type it; stop the demo with that step's exit status if it fails.
+
+    A Ctrl-C reaches the step too (same terminal), which stops cleanly (training saves a checkpoint first), so
+    the demo ignores it and waits: ``subprocess.run`` would kill the step a quarter of a second later.
+    """
     print(f"\n$ {shlex.join(command)}", flush=True)
-    status = subprocess.run(command).returncode
+    step = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        status = step.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if status == 128 + signal.SIGINT:
+        print("demo: interrupted; run it again to continue where it stopped", file=sys.stderr)
+        sys.exit(status)
     if status != 0:
         sys.exit(f"demo: step failed with exit status {status}: {shlex.join(command)}")
 
