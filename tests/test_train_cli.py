@@ -137,19 +137,23 @@ def test_two_rank_training_writes_every_output(reference_run: Path, shard_root: 
     )
 
 
-def test_sigterm_saves_and_resume_ends_with_the_same_weights(reference_run: Path, shard_root: Path, tmp_path: Path):
-    run_dir = tmp_path / "run"
-    overrides = two_rank_overrides(shard_root, run_dir)
-    process = subprocess.Popen(
-        command(*overrides), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def interrupt_after_first_log_line(overrides: list[str], cwd: Path, run_dir: Path, signum: int) -> tuple[int, str, str]:
+    """Start train.main, send ``signum`` once its first metrics line is written (mid-epoch): (status, out, err)."""
+    process = subprocess.Popen(command(*overrides), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.02)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, stderr
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=120)
+    return process.returncode, stdout, stderr
+
+
+def test_sigterm_saves_and_resume_ends_with_the_same_weights(reference_run: Path, shard_root: Path, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    overrides = two_rank_overrides(shard_root, run_dir)
+    returncode, _, stderr = interrupt_after_first_log_line(overrides, tmp_path, run_dir, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, stderr
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
     interrupted = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert interrupted["step"] < 20 and interrupted["step_in_epoch"] > 0  # stopped mid-epoch, at a step boundary
@@ -175,16 +179,8 @@ def test_ctrl_c_with_one_device_saves_and_the_same_command_resumes(shard_root: P
     overrides = [
         o if o != "trainer.devices=2" else "trainer.devices=1" for o in two_rank_overrides(shard_root, run_dir)
     ]
-    process = subprocess.Popen(
-        command(*overrides), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGINT, stderr
+    returncode, stdout, stderr = interrupt_after_first_log_line(overrides, tmp_path, run_dir, signal.SIGINT)
+    assert returncode == 128 + signal.SIGINT, stderr
     assert stderr.strip().count("\n") == 0 and "stopped by SIGINT" in stderr, stderr
     assert "Ctrl-C again" in stdout
     interrupted = load_checkpoint(run_dir / "checkpoints" / "last.pt")
