@@ -115,4 +115,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, path_keys=("data.root", "out"))

@@ -6,15 +6,17 @@ Imported by every stage's commands (preprocess, pipeline, train); preprocess is 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hydra.errors import HydraException
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT
+UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'\.\s+To append to your config use \+")
 
 
 def one_line(err: BaseException) -> str:
@@ -26,14 +28,44 @@ def one_line(err: BaseException) -> str:
     return text
 
 
-def run_cli(hydra_main: Callable[[], Any]) -> None:
+def quote_paths(argv: Sequence[str], keys: Sequence[str]) -> list[str]:
+    """``checkpoint=outputs/x/optim.lr=0.1,trainer.max_epochs=5/best.pt`` -> the same value in quotes, for each of
+    ``keys``: Hydra's override grammar reads an unquoted comma as a sweep and stops at ``=``, brackets or spaces,
+    and train.main's own run folders (``<key>=<value>,<key>=<value>``) contain commas and ``=``."""
+    quoted = []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        special = any(char in value for char in ",=[]{}() \t")
+        if key in keys and special and value[:1] not in "'\"" and "'" not in value:
+            arg = f"{key}='{value}'"
+        quoted.append(arg)
+    return quoted
+
+
+def hydra_error_line(err: BaseException) -> str:
+    """Hydra's error as one line; for an unknown key, that (Hydra advises ``+key=``, which only adds a key that
+    nothing reads)."""
+    unknown = UNKNOWN_KEY.match(str(err))
+    if unknown:
+        return f"unknown key '{unknown[1]}': --help lists the keys this command takes"
+    return one_line(err)
+
+
+def run_cli(hydra_main: Callable[[], Any], path_keys: Sequence[str] = (), appends: bool = False) -> None:
     """Run a ``@hydra.main`` function so that Hydra's own errors (unknown key, bad override) are one line, exit 2,
-    and a Ctrl-C that the command does not handle itself is one line, exit 130."""
+    and a Ctrl-C that the command does not handle itself is one line, exit 130. The values of ``path_keys`` are
+    taken as typed (``quote_paths``). ``+key=value`` is refused unless ``appends`` (train.main's ``+experiment=``):
+    the tools' keys are all in their configs, so an added one is a typo."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # makes Hydra raise them instead of printing a stack
+    sys.argv[1:] = quote_paths(sys.argv[1:], path_keys)
+    added = [arg.lstrip("+").partition("=")[0] for arg in sys.argv[1:] if arg.startswith("+") and not appends]
+    if added:
+        print(f"error: unknown key '{added[0]}': --help lists the keys this command takes", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     try:
         hydra_main()
     except HydraException as err:
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        print(f"error: {hydra_error_line(err)}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)

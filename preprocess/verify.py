@@ -2,7 +2,8 @@
 
     python -m preprocess.verify out=/data/shards [workers=N]
 
-Exits 0 and prints one OK line, or exits 1 with one line per problem found.
+Exits 0 and prints one OK line, exits 1 with one line per problem found, or exits 2 with one line when out= is not
+a shard folder at all.
 """
 
 from __future__ import annotations
@@ -143,12 +144,10 @@ def _map(function: Callable, jobs: Sequence, workers: int) -> Iterator:
 
 
 def verify(root: str | Path, workers: int = 1, show_progress: bool = False) -> list[str]:
-    """Every problem found in the shard folder ``root``, as readable lines; empty when all is well."""
+    """Every problem found in the shard folder ``root``, as readable lines; empty when all is well.
+    ``DatasetError`` when ``root`` is not a shard folder at all (no readable meta.json)."""
     root = Path(root)
-    try:
-        meta = read_meta(root)
-    except DatasetError as err:
-        return [str(err)]
+    meta = read_meta(root)  # no shard folder there: DatasetError, bad input rather than a problem found
     image_size, num_classes = meta["settings"]["image_size"], len(meta["classes"])
     jobs = [
         (root / split / shard["name"], shard, image_size, num_classes)
@@ -184,10 +183,10 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     try:
         workers = as_optional_int("workers", cfg.workers, low=1) or len(os.sched_getaffinity(0))
+        problems = verify(cfg.out, workers, show_progress=True)
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    problems = verify(cfg.out, workers, show_progress=True)
     if problems:
         print(f"{cfg.out}: {len(problems)} problem(s):", *problems, sep="\n  ", file=sys.stderr)
         sys.exit(1)
@@ -198,4 +197,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, path_keys=("out",))

@@ -243,3 +243,18 @@ def test_a_ctrl_c_no_command_handles_is_one_line_and_exit_130() -> None:
     driver = "from preprocess.cli import run_cli\ndef main():\n    raise KeyboardInterrupt\nrun_cli(main)"
     result = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=60)
     assert result.returncode == 130 and result.stderr == "interrupted (Ctrl-C)\n"
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "message"),
+    [
+        ("preprocess.build_shards", ["src=x", "out=y", "image_sise=64"], "unknown key 'image_sise': --help lists"),
+        ("preprocess.build_shards", ["src=x", "out=y", "+image_sise=64"], "unknown key 'image_sise': --help lists"),
+        ("train.main", ["data.root=x", "trainer.fast=1"], "unknown key 'trainer.fast': --help lists"),
+        ("preprocess.verify", ["out=/no/such/folder"], "data folder /no/such/folder does not exist"),
+    ],
+    ids=["typo", "typo-appended", "trainer-typo", "verify-no-folder"],
+)
+def test_a_typo_is_named_not_answered_with_hydras_append_advice(module: str, args: list, message: str) -> None:
+    line = one_line_exit_2(module, *args)
+    assert message in line and "+image_sise" not in line

@@ -4,6 +4,7 @@ in numpy, the model run by hand, top-k counted with numpy; ensembles, two ranks,
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,10 @@ import torch
 from omegaconf import OmegaConf
 from webdataset.tariterators import tarfile_samples
 
+from preprocess.cli import quote_paths
 from preprocess.shard_format import PixelStats, read_meta, shard_paths
 from train.checkpoint import save_checkpoint
-from train.evaluate import multi_crop_name, quote_path_lists, run, split_paths
+from train.evaluate import multi_crop_name, run, split_paths
 from train.model import AlexNet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +130,11 @@ def test_ensemble_on_two_ranks_from_the_command_line(shard_root: Path, checkpoin
     sets = [reference_logits(shard_root, path) for path in checkpoints]
     labels = sets[0][1]
     out = tmp_path / "ensemble.json"
-    command = [sys.executable, "-m", "train.evaluate", f"checkpoint={checkpoints[0]},{checkpoints[1]}"]
+    # the second as in a run folder of train.main with two overrides: a comma and '=' in the path
+    second = tmp_path / "optim.lr=0.1,trainer.max_epochs=5" / "checkpoints" / "best.pt"
+    second.parent.mkdir(parents=True)
+    shutil.copyfile(checkpoints[1], second)
+    command = [sys.executable, "-m", "train.evaluate", f"checkpoint={checkpoints[0]},{second}"]
     command += [f"data.root={shard_root}", "data.threads=1", "devices=2", "batch_size=16", f"out={out}"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -195,16 +201,26 @@ def test_checkpoint_of_other_data_is_one_line(shard_root: Path, tmp_path: Path) 
     )
 
 
-def test_checkpoint_lists() -> None:
-    assert split_paths("a.pt, b.pt,") == ["a.pt", "b.pt"] and split_paths(["a.pt", "b.pt,c.pt"]) == [
-        "a.pt",
-        "b.pt",
-        "c.pt",
-    ]
-    assert quote_path_lists(["checkpoint=a.pt,b.pt", "x=1,2", "checkpoint='c,d'"]) == [
+def test_checkpoint_lists(tmp_path: Path) -> None:
+    assert split_paths("a.pt, b.pt,") == ["a.pt", "b.pt"]
+    assert split_paths(["a.pt", "b.pt,c.pt"]) == ["a.pt", "b.pt", "c.pt"]
+    run_dir = tmp_path / "x=1,y=2,z=3"
+    run_dir.mkdir()
+    (run_dir / "best.pt").touch()
+    (tmp_path / "x=1").mkdir()  # a folder named like the first piece does not stop the join
+    inside = str(run_dir / "best.pt")
+    assert split_paths(f"{inside},{inside}, missing.pt") == [inside, inside, "missing.pt"]
+
+
+def test_path_values_are_quoted_for_hydra() -> None:
+    keys = ("checkpoint", "out")
+    argv = ["checkpoint=a.pt,b.pt", "x=1,2", "checkpoint='c,d'", "out=runs/lr=0.1/e.json", "out=plain.json"]
+    assert quote_paths(argv, keys) == [
         "checkpoint='a.pt,b.pt'",
-        "x=1,2",
+        "x=1,2",  # not a path key: a sweep stays a sweep
         "checkpoint='c,d'",
+        "out='runs/lr=0.1/e.json'",
+        "out=plain.json",
     ]
 
 

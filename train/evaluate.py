@@ -53,9 +53,17 @@ DATA_OVERRIDES = ("root", "threads", "loader")
 
 
 def split_paths(checkpoint: str | Sequence[str]) -> list[str]:
-    """``a.pt,b.pt`` (or a list) -> ``["a.pt", "b.pt"]``."""
-    items = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
-    paths = [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+    """``a.pt,b.pt`` (or a list) -> ``["a.pt", "b.pt"]``. A comma inside a path is kept where the pieces around it
+    name an existing file together: train.main's run folders with several overrides have commas in their names."""
+    paths = []
+    for item in [checkpoint] if isinstance(checkpoint, str) else list(checkpoint):
+        pieces = str(item).split(",")
+        while pieces:
+            ends = range(1, len(pieces) + 1)
+            end = next((n for n in ends if Path(",".join(pieces[:n]).strip()).is_file()), 1)
+            path, pieces = ",".join(pieces[:end]).strip(), pieces[end:]
+            if path:
+                paths.append(path)
     if not paths:
         raise ConfigError("checkpoint is empty: pass checkpoint=PATH[,PATH...] (files written by train.main)")
     return paths
@@ -307,17 +315,5 @@ def main(cfg: DictConfig) -> None:
     sys.exit(stop.exit_code)
 
 
-def quote_path_lists(argv: list[str], key: str = "checkpoint") -> list[str]:
-    """``checkpoint=a.pt,b.pt`` -> ``checkpoint='a.pt,b.pt'``: Hydra reads an unquoted comma as a sweep."""
-    prefix = f"{key}="
-    return [
-        f"{prefix}'{arg[len(prefix) :]}'"
-        if arg.startswith(prefix) and "," in arg and arg[len(prefix) :][:1] not in "'\"["
-        else arg
-        for arg in argv
-    ]
-
-
 if __name__ == "__main__":
-    sys.argv[1:] = quote_path_lists(sys.argv[1:])
-    run_cli(main)
+    run_cli(main, path_keys=("checkpoint", "data.root", "out"))

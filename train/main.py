@@ -67,4 +67,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, path_keys=("trainer.resume",), appends=True)

@@ -276,4 +276,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, path_keys=("checkpoint", "data.root", "out", "metrics"))
