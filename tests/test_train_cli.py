@@ -192,6 +192,19 @@ def test_ctrl_c_with_one_device_saves_and_the_same_command_resumes(shard_root: P
     assert [r["step"] for r in records(run_dir, "step")] == list(range(1, 21))
 
 
+def test_a_refused_command_leaves_no_run_folder_behind(shard_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "outputs" / "default" / "earlier").mkdir(parents=True)  # someone else's folder stays
+    refused = train(tmp_path, f"data.root={shard_root}", "data.flip=no")
+    assert refused.returncode == 2 and "data.flip='no'" in refused.stderr
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "outputs",
+        "outputs/default",
+        "outputs/default/earlier",
+    ]
+    assert train(tmp_path, "data.root=/no/such/shards").returncode == 2
+    assert not (tmp_path / "outputs" / "default" / "default").exists()
+
+
 def test_resume_refuses_other_settings_or_other_data_but_not_moved_data(
     reference_run: Path, shard_root: Path, tmp_path: Path
 ) -> None:

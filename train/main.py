@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -28,7 +29,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from preprocess.cli import one_line, run_cli
 from train.config import TrainerConfig, check_config, check_devices
 from train.distributed import StopRun, is_torchrun, launch
-from train.loop import EXIT_BAD_INPUT, USER_ERRORS, train_worker
+from train.loop import CHECKPOINT_DIR, EXIT_BAD_INPUT, USER_ERRORS, train_worker
+from train.runlog import METRICS_FILE
 
 OmegaConf.register_new_resolver("or_default", lambda value: value or "default", replace=True)
 
@@ -62,8 +64,31 @@ def main(cfg: DictConfig) -> float | None:
     except StopRun as err:
         stop = err
     if int(os.environ.get("RANK", "0")) == 0:
+        if stop.exit_code == EXIT_BAD_INPUT:
+            remove_unused_run_dir(Path(run_dir))
         print(("error: " if stop.exit_code == EXIT_BAD_INPUT else "") + str(stop), file=sys.stderr, flush=True)
     sys.exit(stop.exit_code)
+
+
+def remove_unused_run_dir(run_dir: Path) -> None:
+    """Remove what Hydra made for a command that was refused (.hydra/, an empty main.log), so typos do not leave a
+    trail of run folders; a folder holding anything else (a run's checkpoints or metrics) is left alone."""
+    if (run_dir / CHECKPOINT_DIR).exists() or (run_dir / METRICS_FILE).exists():
+        return
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (run_dir / ".hydra" / name).unlink(missing_ok=True)
+    log = run_dir / "main.log"
+    if log.is_file() and log.stat().st_size == 0:
+        log.unlink()
+    run_dir, cwd = run_dir.resolve(), Path.cwd().resolve()
+    parents = [folder for folder in run_dir.parents if folder.is_relative_to(cwd) and folder != cwd]
+    for folder in (run_dir / ".hydra", run_dir, *parents):  # then its empty parents inside the cwd: outputs/<name>
+        if cwd.is_relative_to(folder):  # hydra.run.dir=. (or above): never the folder the user works in
+            return
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: something else lives there
+            return
 
 
 if __name__ == "__main__":
