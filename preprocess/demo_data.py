@@ -5,19 +5,27 @@ given a random ink and paper colour and a little sensor noise, and written as JP
 ``train/<wnid>/<wnid>_<n>.JPEG`` layout that ``preprocess.build_shards`` reads. Colours vary per image, so
 the RGB covariance is full-rank and the network has to learn shapes, not colours.
 
-    python -m preprocess.demo_data out=data/digits-src
+    python -m preprocess.demo_data out=data/digits-src [seed=0] [limit=N]
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from preprocess.cli import EXIT_BAD_INPUT
+from preprocess.config_values import as_int, as_optional_int
+from preprocess.shard_format import DatasetError, temporary_path
+
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SYNSET_FILE = "LOC_synset_mapping.txt"
+SETTINGS_FILE = "demo_data.json"
+USAGE = "usage: python -m preprocess.demo_data out=DIR [seed=0] [limit=N]"
 
 
 def digit_wnid(digit: int) -> str:
@@ -43,14 +51,22 @@ def write_digits_tree(
     limit: int | None = None,
     quality: int = 90,
 ) -> dict[str, int]:
-    """Write the digits as ``out/{train,val}/<wnid>/<wnid>_<n>.JPEG`` plus a class-name file; returns counts."""
+    """Write the digits as ``out/{train,val}/<wnid>/<wnid>_<n>.JPEG`` plus a class-name file; returns counts.
+
+    ``out`` must be new, empty, or a tree written with the same settings (``demo_data.json`` records them, so an
+    interrupted run can be finished): another seed or limit would mix two draws, putting val images in train.
+    Each file is written under a temporary name, then renamed.
+    """
     from sklearn.datasets import load_digits
 
+    out = Path(out)
+    settings = {"seed": seed, "limit": limit, "val_fraction": val_fraction, "size_range": list(size_range)}
+    settings["quality"] = quality
+    _claim(out, settings)
     digits = load_digits()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(digits.target))[:limit]
     n_val = int(round(len(order) * val_fraction))
-    out = Path(out)
     counts = {"train": 0, "val": 0}
     for position, index in enumerate(order):
         split = "val" if position < n_val else "train"
@@ -60,22 +76,54 @@ def write_digits_tree(
         path.parent.mkdir(parents=True, exist_ok=True)
         ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
         assert ok
-        path.write_bytes(encoded.tobytes())
+        _write_atomic(path, encoded.tobytes())
         counts[split] += 1
-    (out / SYNSET_FILE).write_text("".join(f"{digit_wnid(d)} {name}\n" for d, name in enumerate(CLASS_NAMES)))
+    _write_atomic(
+        out / SYNSET_FILE, "".join(f"{digit_wnid(d)} {name}\n" for d, name in enumerate(CLASS_NAMES)).encode()
+    )
     return counts
 
 
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = temporary_path(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _claim(out: Path, settings: dict) -> None:
+    """Record ``settings`` in a new or empty ``out``; accept an ``out`` that recorded the same ones."""
+    marker = out / SETTINGS_FILE
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            recorded = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != settings:
+            what = f"digits written with {recorded}" if recorded else "other files"
+            raise DatasetError(f"out={out} already holds {what}: choose a new out= folder or delete this one")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(marker, json.dumps(settings).encode())
+
+
 def main(argv: list[str]) -> None:
-    usage = "usage: python -m preprocess.demo_data out=DIR [seed=0] [limit=N]"
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return
     args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
-    if any("=" not in arg for arg in argv) or "out" not in args or set(args) - {"out", "seed", "limit"}:
-        sys.exit(usage)
     try:
-        seed, limit = int(args.get("seed", 0)), int(args["limit"]) if "limit" in args else None
-    except ValueError:
-        sys.exit(usage)
-    counts = write_digits_tree(args["out"], seed=seed, limit=limit)
+        if any("=" not in arg for arg in argv) or "out" not in args or set(args) - {"out", "seed", "limit"}:
+            raise DatasetError(f"unknown or missing arguments {argv}: {USAGE}")
+        seed = as_int("seed", args.get("seed", 0), low=0)
+        limit = as_optional_int("limit", args.get("limit"), low=1)
+        counts = write_digits_tree(args["out"], seed=seed, limit=limit)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        print(f"error: out={args['out']} cannot be written ({reason}): choose another out=", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     print(f"wrote {counts['train']} train and {counts['val']} val digit images to {args['out']}")
 
 

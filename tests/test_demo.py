@@ -1,4 +1,5 @@
-"""``python -m train.demo`` at its edges (the whole demo takes two minutes and runs outside the test suite)."""
+"""``python -m train.demo`` and ``preprocess.demo_data`` at their edges (the whole demo takes two minutes and runs
+outside the test suite)."""
 
 from __future__ import annotations
 
@@ -50,3 +51,33 @@ def test_ctrl_c_lets_the_running_step_finish_stopping(tmp_path: Path) -> None:
     _, stderr = demo.communicate(timeout=60)
     assert saved.read_text() == "saved"  # the step was not killed while it saved
     assert demo.returncode == 130 and stderr.strip().count("\n") == 0 and "interrupted" in stderr, stderr
+
+
+def demo_data(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "preprocess.demo_data", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_demo_data_never_mixes_two_draws_in_one_folder(tmp_path: Path) -> None:
+    out = tmp_path / "digits"
+    first = demo_data(f"out={out}", "limit=30")
+    assert first.returncode == 0 and "wrote 24 train and 6 val" in first.stdout, first.stderr
+    files = sorted(p.relative_to(out) for p in out.rglob("*.JPEG"))
+    assert demo_data(f"out={out}", "limit=30").returncode == 0  # the same draw again (an interrupted run finished)
+    other = demo_data(f"out={out}", "limit=30", "seed=1")  # would put some val images into train
+    assert other.returncode == 2 and other.stderr.count("\n") == 1 and "already holds digits" in other.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*.JPEG")) == files
+    assert not list(out.rglob(".*tmp*"))
+
+
+def test_demo_data_help_and_bad_arguments(tmp_path: Path) -> None:
+    shown = demo_data("--help")
+    assert shown.returncode == 0 and "python -m preprocess.demo_data out=" in shown.stdout
+    for args, message in (
+        (["outt=x"], "unknown or missing arguments"),
+        ([f"out={tmp_path}/d", "limit=-5"], "limit='-5' must be an integer >= 1"),
+        ([f"out={REPO / 'README.md'}/d"], "cannot be written"),
+    ):
+        bad = demo_data(*args)
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and message in bad.stderr, bad.stderr
+        assert bad.stderr.count("\n") == 1
