@@ -171,7 +171,10 @@ def plan_split(spec: DataSpec, meta: dict, split: str, mode: str, rank: int, wor
     paths = tuple(shard_paths(spec.root, split, meta))
     image_size = int(meta.get("settings", {}).get("image_size", 0))
     if not spec.crop_size <= image_size:
-        raise DatasetError(f"data.crop_size={spec.crop_size} does not fit the {image_size}px images of {spec.root}")
+        raise DatasetError(
+            f"data.crop_size={spec.crop_size} does not fit the {image_size}px images of {spec.root}: "
+            f"use data.crop_size={image_size} or less, or shards built with image_size={spec.crop_size} or more"
+        )
     counts = tuple(int(shard["count"]) for shard in meta["splits"][split]["shards"])
     plan = SplitPlan(
         split, mode, paths, counts, sum(counts), rank, world_size, spec.batch_size // world_size, image_size

@@ -18,15 +18,20 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config import DataSpec
 from pipeline.lighting import mean_patch
 from pipeline.loader import build_loader
 from preprocess.cli import run_cli
 from preprocess.config_values import as_int
-from preprocess.shard_format import DatasetError, temporary_path
+from preprocess.shard_format import DatasetError, read_meta, temporary_path
 
 
-def collect(data_cfg: dict, split: str, mode: str, n: int, seed: int) -> dict[str, np.ndarray]:
-    """One batch of ``n`` samples from the loader, with the draws that made it."""
+def collect(data_cfg: dict, split: str, mode: str, n: int, seed: int, key: str = "n") -> dict[str, np.ndarray]:
+    """One batch of ``n`` samples from the loader, with the draws that made it (``key``: the option that set n)."""
+    root = DataSpec.from_cfg({**data_cfg, "batch_size": n}).root
+    available = read_meta(root)["splits"].get(split, {}).get("count")
+    if available is not None and n > available:
+        raise DatasetError(f"{key}={n} is more than the {available} {split} images of {root}: lower {key}")
     loader = build_loader({**data_cfg, "batch_size": n}, split, mode, seed=seed, debug=True)
     batch = next(loader.batches())
     norm = loader.norm
@@ -96,7 +101,10 @@ def preview(data_cfg: dict, split: str, n: int, out: str | Path, seed: int = 0, 
         raise DatasetError(f"mode={mode!r}: the preview shows train or center batches")
     batch = collect(data_cfg, split, mode, n, seed)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DatasetError(f"out={out} cannot hold the preview ({err.strerror}): choose another out=") from None
     save_npz(out / "batch.npz", batch)
     save_grid(out / "preview.png", batch)
     return out

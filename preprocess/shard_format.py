@@ -139,8 +139,8 @@ def read_meta(root: str | Path) -> dict:
         )
     if not meta_path.is_file():
         raise DatasetError(
-            f"{meta_path} not found: {root} is not a finished shard folder; "
-            f"run `python -m preprocess.build_shards src=... out={root}`"
+            f"{meta_path} not found: {root} is not a finished shard folder; pass the out= folder of "
+            "preprocess.build_shards, or finish it by re-running that command"
         )
     try:
         return json.loads(meta_path.read_text())

@@ -239,6 +239,20 @@ def test_preview_answers_a_bad_switch_with_one_line(shard_root: Path, tmp_path: 
     assert line == "error: data.random_crop='off' must be true or false" and not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["n=5000"], "n=5000 is more than the 160 train images of"),
+        ([f"out={REPO / 'README.md'}/preview"], "cannot hold the preview (Not a directory): choose another out="),
+        (["data.crop_size=96"], "use data.crop_size=80 or less, or shards built with image_size=96 or more"),
+    ],
+    ids=["n", "out", "crop"],
+)
+def test_preview_names_the_option_to_change(shard_root: Path, tmp_path: Path, args: list, message: str) -> None:
+    args = [f"data.root={shard_root}", "data.crop_size=64", f"out={tmp_path / 'p'}", *args]
+    assert message in one_line_exit_2("pipeline.preview", *args)
+
+
 def test_a_ctrl_c_no_command_handles_is_one_line_and_exit_130() -> None:
     driver = "from preprocess.cli import run_cli\ndef main():\n    raise KeyboardInterrupt\nrun_cli(main)"
     result = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=60)

@@ -101,6 +101,16 @@ def test_unusable_checkpoints_give_one_line(tmp_path, damage: str) -> None:
         load_checkpoint(path)
     message = str(caught.value)
     assert "\n" not in message and str(path) in message
+    if damage != "absent":  # the fix fits who named the file: the user (evaluate), or the trainer resuming
+        assert "trainer.resume" not in message and "checkpoints/best.pt" in message
+        with pytest.raises(CheckpointError, match="delete it to start afresh|delete it"):
+            load_checkpoint(path, resuming=True)
+
+
+def test_a_run_folder_as_checkpoint_names_the_file_in_it(tmp_path) -> None:
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", full_state())
+    with pytest.raises(CheckpointError, match=f"is a folder: did you mean {tmp_path}/run/checkpoints/best.pt"):
+        load_checkpoint(tmp_path / "run")
 
 
 # ---- metrics.jsonl and console -----------------------------------------------------------------------------

@@ -86,22 +86,29 @@ def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
     os.replace(tmp, dst)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict at ``path``, on the CPU; ``CheckpointError`` if it is missing, corrupt or incomplete."""
+def load_checkpoint(path: str | Path, resuming: bool = False) -> dict[str, Any]:
+    """The checkpoint dict at ``path``, on the CPU; ``CheckpointError`` if it is missing, corrupt or incomplete.
+
+    ``resuming``: the trainer's own last.pt, whose fix is to delete it; otherwise a file the user named."""
     path = Path(path)
+    fix = (
+        "delete it to start afresh, or resume from another file with trainer.resume=PATH"
+        if resuming
+        else "pass checkpoints/best.pt or last.pt of a train.main run"
+    )
+    if path.is_dir():
+        inside = next((p for p in (path / "checkpoints" / "best.pt", path / "best.pt") if p.is_file()), None)
+        raise CheckpointError(f"checkpoint {path} is a folder: " + (f"did you mean {inside}?" if inside else fix))
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path (train.main writes checkpoints/*.pt)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises many types for a damaged file (zip, pickle, EOF, ...)
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(
-            f"checkpoint {path} is unreadable ({reason}): delete it to start afresh, or resume from another "
-            "file with trainer.resume=PATH"
-        ) from None
+        raise CheckpointError(f"checkpoint {path} is unreadable ({reason}): {fix}") from None
     missing = [key for key in REQUIRED_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
-        raise CheckpointError(f"checkpoint {path} lacks {missing}: it was not written by train.main; delete it")
+        raise CheckpointError(f"checkpoint {path} lacks {missing}: it was not written by train.main; {fix}")
     return state
 
 

@@ -427,7 +427,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         """Continue from a checkpoint: weights, optimizer, schedule, counters, this rank's loader and RNG."""
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_checkpoint(path, resuming=True)
         conflicts = resume_conflicts(checkpoint["config"], self.config)
         dataset = dataset_fingerprint(self.train_loader.meta)
         if checkpoint.get("dataset", dataset) != dataset:  # checkpoints from before the fingerprint: not checked

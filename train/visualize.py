@@ -228,7 +228,7 @@ def visualize(cfg: Mapping[str, Any]) -> list[Path]:
     except OSError as err:
         raise DatasetError(f"out={out} cannot hold the figures ({err.strerror}): choose another out=") from None
 
-    val = collect(data, "val", "center", sizes["predictions"], seed)
+    val = collect(data, "val", "center", sizes["predictions"], seed, key="predictions")
     model = trained_model(checkpoint_path, checkpoint, data, len(meta_names))
     batch = sizes["batch_size"]
 
@@ -237,7 +237,7 @@ def visualize(cfg: Mapping[str, Any]) -> list[Path]:
     views = denormalize(val)
     written.append(plot_predictions(views, val["labels"], probs, meta_names, out / "figure4_predictions.png"))
 
-    train = collect(data, "train", "center", sizes["pool"], seed)
+    train = collect(data, "train", "center", sizes["pool"], seed, key="pool")
     queries = slice(0, sizes["queries"])
     neighbours = nearest(
         forward(model, val["images"][queries], batch, embed=True),
