@@ -19,7 +19,8 @@ from webdataset.tariterators import tarfile_samples
 from preprocess.cli import quote_paths
 from preprocess.shard_format import PixelStats, read_meta, shard_paths
 from train.checkpoint import save_checkpoint
-from train.evaluate import multi_crop_name, run, split_paths
+from train.evaluate import run, split_paths
+from train.metrics import multi_crop_name
 from train.model import AlexNet
 
 REPO = Path(__file__).resolve().parents[1]

@@ -45,7 +45,7 @@ from train.config import ConfigError
 from train.distributed import StopRun, default_backend, launch, worker_device
 from train.loop import EXIT_BAD_INPUT, USER_ERRORS, build_model
 from train.main import resolve
-from train.metrics import count_correct, errors_from_counts, patches_used, tencrop_probs
+from train.metrics import count_correct, errors_from_counts, multi_crop_name, patches_used, tencrop_probs
 
 # per model and for the ensemble: correct counts in this order, then the number of samples
 COUNT_NAMES = ("top1", "top5", "tencrop_top1", "tencrop_top5")
@@ -238,14 +238,6 @@ class EvalOptions:
                 f"batch_size={options.batch_size} must be a positive multiple of devices={options.devices}"
             )
         return options
-
-
-def multi_crop_name(patches: list[int]) -> str:
-    """What the summary line calls the multi-patch test of models averaging ``patches`` patches each."""
-    kinds = {10: "ten-crop", 5: "five-crop (no mirrored patches)"}
-    if len(set(patches)) == 1 and patches[0] in kinds:
-        return kinds[patches[0]]
-    return "multi-crop (" + "/".join(str(n) for n in patches) + " patches per model)"
 
 
 def writable_out(out: Any) -> Path | None:

@@ -42,7 +42,7 @@ from train.checkpoint import (
 )
 from train.config import ConfigError, TrainerConfig, check_batch
 from train.distributed import FORWARDED_SIGNALS, StopRun, chained_signal_handlers, worker_device
-from train.metrics import count_correct, errors_from_counts, patches_used, tencrop_probs
+from train.metrics import count_correct, errors_from_counts, multi_crop_name, patches_used, tencrop_probs
 from train.model import AlexNet, check_model
 from train.optim import build_optimizer
 from train.runlog import SUMMARY_FILE, RunLog
@@ -186,7 +186,10 @@ class Trainer:
 
     def fit(self) -> float:
         try:
-            if self.resumed_from is not None:
+            done = self.epoch >= self.tc.max_epochs or self.schedule.should_stop
+            if self.resumed_from is not None and done:
+                self.log.info(f"{self.resumed_from}: training is complete ({self.epoch} epochs); evaluating it again")
+            elif self.resumed_from is not None:
                 self.log.info(f"resumed from {self.resumed_from} at epoch {self.epoch + 1}, step {self.step}")
             while self.epoch < self.tc.max_epochs and not self.schedule.should_stop:
                 self.train_epoch(self.train_loader)
@@ -290,7 +293,8 @@ class Trainer:
         }
         if self.rank == 0:
             write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
-            crops = f", ten-crop {tencrop[0]:.2%} / {tencrop[1]:.2%}" if self.tc.tencrop else ""
+            name = multi_crop_name([patches_used(self.config["data"])])
+            crops = f", {name} {tencrop[0]:.2%} / {tencrop[1]:.2%}" if self.tc.tencrop else ""
             self.log.info(
                 f"done: {self.epoch} epochs in {summary['wall_seconds']:.0f} s; val err top-1 / top-5 "
                 f"{last['val_top1_err']:.2%} / {last['val_top5_err']:.2%}{crops}; {self.run_dir / SUMMARY_FILE}"

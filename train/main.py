@@ -92,4 +92,4 @@ def remove_unused_run_dir(run_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, path_keys=("trainer.resume",), appends=True)
+    run_cli(main, path_keys=("trainer.resume", "hydra.run.dir"), appends=True)

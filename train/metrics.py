@@ -54,6 +54,14 @@ def patches_used(train_data: Mapping[str, Any], mirror: str | bool = "auto") -> 
     return 10 if use else 5
 
 
+def multi_crop_name(patches: list[int]) -> str:
+    """What the summary line calls the multi-patch test of models averaging ``patches`` patches each."""
+    kinds = {10: "ten-crop", 5: "five-crop (no mirrored patches)"}
+    if len(set(patches)) == 1 and patches[0] in kinds:
+        return kinds[patches[0]]
+    return "multi-crop (" + "/".join(str(n) for n in patches) + " patches per model)"
+
+
 def tencrop_probs(logits: torch.Tensor) -> torch.Tensor:
     """(B, crops, C) logits of the crops of each image -> (B, C) averaged softmax probabilities."""
     if logits.ndim != 3:
