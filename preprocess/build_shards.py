@@ -330,7 +330,7 @@ def merge_parts(out: Path, dataset: Dataset, tasks: Sequence[ShardTask], setting
 
 
 def _progress_bar(total: int, enabled: bool) -> tqdm:
-    return tqdm(total=total, unit="img", smoothing=0.05, dynamic_ncols=True, disable=not enabled)
+    return tqdm(total=total, unit="img", smoothing=0.05, dynamic_ncols=True, disable=not enabled or total == 0)
 
 
 def _check_parts(part: object, parts: object) -> tuple[int | None, int | None]:

@@ -16,12 +16,13 @@ from hydra.errors import HydraException
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT
+PLUGIN_EXTRAS = {"hydra/sweeper/optuna": "optuna", "hydra/launcher/submitit": "slurm"}  # pyproject's extras
 UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'\.\s+To append to your config use \+")
 
 
 def one_line(err: BaseException) -> str:
     """An exception and its cause as one line (Hydra's and OmegaConf's messages span several)."""
-    text = " ".join(str(err).split(" Config search path:")[0].split())
+    text = " ".join(str(err).split()).split(" Config search path:")[0]
     cause = err.__cause__
     if cause is not None and str(cause):
         text += f" ({str(cause).strip().splitlines()[0]})"
@@ -48,6 +49,9 @@ def hydra_error_line(err: BaseException) -> str:
     unknown = UNKNOWN_KEY.match(str(err))
     if unknown:
         return f"unknown key '{unknown[1]}': --help lists the keys this command takes"
+    plugin = next((extra for name, extra in PLUGIN_EXTRAS.items() if f"Could not load '{name}" in str(err)), None)
+    if plugin:
+        return f"{one_line(err).rstrip('.')}: a plugin that is not installed; pip install -e '.[{plugin}]'"
     return one_line(err)
 
 

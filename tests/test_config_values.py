@@ -3,6 +3,7 @@ built on them, and the commands answering a value of the wrong type with one lin
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -272,3 +273,13 @@ def test_a_ctrl_c_no_command_handles_is_one_line_and_exit_130() -> None:
 def test_a_typo_is_named_not_answered_with_hydras_append_advice(module: str, args: list, message: str) -> None:
     line = one_line_exit_2(module, *args)
     assert message in line and "+image_sise" not in line
+
+
+def test_a_sweeper_plugin_that_is_not_installed_names_its_extra() -> None:
+    try:
+        importlib.import_module("hydra_plugins.hydra_optuna_sweeper")
+        pytest.skip("the optuna extra is installed here")
+    except ImportError:
+        pass
+    line = one_line_exit_2("train.main", "-m", "hydra/sweeper=optuna_lr", "data.root=x")
+    assert line.endswith("a plugin that is not installed; pip install -e '.[optuna]'") and "search path" not in line

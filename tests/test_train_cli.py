@@ -226,6 +226,10 @@ def test_resume_refuses_other_settings_or_other_data_but_not_moved_data(
         assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr
     moved = resume(root=shutil.copytree(shard_root, tmp_path / "moved"))
     assert moved.returncode == 0 and "training is complete (2 epochs)" in moved.stdout, moved.stderr
+    one_device = resume("trainer.devices=1")  # a finished run is only evaluated again, by any number of ranks
+    assert one_device.returncode == 0 and "training is complete" in one_device.stdout, one_device.stderr
+    longer = resume("trainer.devices=1", "trainer.max_epochs=3")  # but training on needs its own ranks
+    assert longer.returncode == 2 and "use trainer.devices=2" in longer.stderr, longer.stderr
 
 
 def test_torchrun_ranks_train_exactly_like_spawned_ones(reference_run: Path, shard_root: Path, tmp_path: Path) -> None:

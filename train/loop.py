@@ -441,11 +441,6 @@ class Trainer:
                 f"checkpoint {path} is another run ({'; '.join(conflicts[:3])}): resume it with its own settings, "
                 "or start a new run (another name= or hydra.run.dir=, or trainer.resume=never)"
             )
-        if len(checkpoint["loader"]) != self.world_size:
-            raise CheckpointError(
-                f"checkpoint {path} was written by {len(checkpoint['loader'])} ranks, this run has {self.world_size}: "
-                f"use trainer.devices={len(checkpoint['loader'])}"
-            )
         try:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -456,8 +451,15 @@ class Trainer:
                 f"checkpoint {path} does not fit this config ({reason}): keep model/optim/schedule as in that run, "
                 "or use trainer.resume=never"
             ) from None
-        self.train_loader.load_state_dict(checkpoint["loader"][self.rank])
-        restore_rng(checkpoint["rng"][self.rank], self.device)
+        ranks = len(checkpoint["loader"])
+        if ranks == self.world_size:
+            self.train_loader.load_state_dict(checkpoint["loader"][self.rank])
+            restore_rng(checkpoint["rng"][self.rank], self.device)
+        elif int(checkpoint["epoch"]) < self.tc.max_epochs and not self.schedule.should_stop:  # finished: any ranks
+            raise CheckpointError(
+                f"checkpoint {path} was written by {ranks} ranks, this run has {self.world_size}: "
+                f"use trainer.devices={ranks}"
+            )
         self.epoch, self.step = int(checkpoint["epoch"]), int(checkpoint["step"])
         self.step_in_epoch = int(checkpoint["step_in_epoch"])
         metrics = checkpoint["metrics"]
