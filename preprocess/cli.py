@@ -17,6 +17,7 @@ from hydra.errors import HydraException
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 PLUGIN_EXTRAS = {"hydra/sweeper/optuna": "optuna", "hydra/launcher/submitit": "slurm"}  # pyproject's extras
+HYDRA_FUNCTION = re.compile(r"^\w+\(")
 UNKNOWN_KEY = re.compile(r"Could not override '([^']+)'\.\s+To append to your config use \+")
 
 
@@ -37,7 +38,8 @@ def quote_paths(argv: Sequence[str], keys: Sequence[str]) -> list[str]:
     for arg in argv:
         key, _, value = arg.partition("=")
         special = any(char in value for char in ",=[]{}() \t")
-        if key in keys and special and value[:1] not in "'\"" and "'" not in value:
+        grammar = value[:1] in "'\"[" or HYDRA_FUNCTION.match(value)  # quoted, a list, or choice(...), glob(...)
+        if key in keys and special and not grammar and "'" not in value:
             arg = f"{key}='{value}'"
         quoted.append(arg)
     return quoted
@@ -62,7 +64,8 @@ def run_cli(hydra_main: Callable[[], Any], path_keys: Sequence[str] = (), append
     the tools' keys are all in their configs, so an added one is a typo."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # makes Hydra raise them instead of printing a stack
     sys.argv[1:] = quote_paths(sys.argv[1:], path_keys)
-    added = [arg.lstrip("+").partition("=")[0] for arg in sys.argv[1:] if arg.startswith("+") and not appends]
+    appended = [arg for arg in sys.argv[1:] if arg.startswith("+") and not arg.startswith("++")]  # ++: override
+    added = [arg[1:].partition("=")[0] for arg in appended if not appends]
     if added:
         print(f"error: unknown key '{added[0]}': --help lists the keys this command takes", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

@@ -11,7 +11,6 @@ the RGB covariance is full-rank and the network has to learn shapes, not colours
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from preprocess.cli import EXIT_BAD_INPUT
 from preprocess.config_values import as_int, as_optional_int
-from preprocess.shard_format import DatasetError, temporary_path
+from preprocess.shard_format import DatasetError, write_bytes_atomic, write_json_atomic, write_text_atomic
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SYNSET_FILE = "LOC_synset_mapping.txt"
@@ -76,18 +75,10 @@ def write_digits_tree(
         path.parent.mkdir(parents=True, exist_ok=True)
         ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
         assert ok
-        _write_atomic(path, encoded.tobytes())
+        write_bytes_atomic(path, encoded.tobytes())
         counts[split] += 1
-    _write_atomic(
-        out / SYNSET_FILE, "".join(f"{digit_wnid(d)} {name}\n" for d, name in enumerate(CLASS_NAMES)).encode()
-    )
+    write_text_atomic(out / SYNSET_FILE, "".join(f"{digit_wnid(d)} {name}\n" for d, name in enumerate(CLASS_NAMES)))
     return counts
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = temporary_path(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _claim(out: Path, settings: dict) -> None:
@@ -103,7 +94,7 @@ def _claim(out: Path, settings: dict) -> None:
             raise DatasetError(f"out={out} already holds {what}: choose a new out= folder or delete this one")
         return
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(marker, json.dumps(settings).encode())
+    write_json_atomic(marker, settings)
 
 
 def main(argv: list[str]) -> None:

@@ -116,12 +116,17 @@ def write_shard(path: str | Path, samples: Iterable[Sample]) -> int:
     return len(lines)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write text under a temporary name, then rename: readers never see half a file."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write bytes under a temporary name, then rename: readers never see half a file."""
     path = Path(path)
     tmp = temporary_path(path)
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write UTF-8 text under a temporary name, then rename: readers never see half a file."""
+    write_bytes_atomic(path, text.encode())
 
 
 def write_json_atomic(path: str | Path, payload: object) -> None:

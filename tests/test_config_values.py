@@ -272,7 +272,7 @@ def test_a_ctrl_c_no_command_handles_is_one_line_and_exit_130() -> None:
 )
 def test_a_typo_is_named_not_answered_with_hydras_append_advice(module: str, args: list, message: str) -> None:
     line = one_line_exit_2(module, *args)
-    assert message in line and "+image_sise" not in line
+    assert message in line and "To append to your config" not in line
 
 
 def test_a_sweeper_plugin_that_is_not_installed_names_its_extra() -> None:

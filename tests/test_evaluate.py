@@ -211,17 +211,21 @@ def test_checkpoint_lists(tmp_path: Path) -> None:
     (tmp_path / "x=1").mkdir()  # a folder named like the first piece does not stop the join
     inside = str(run_dir / "best.pt")
     assert split_paths(f"{inside},{inside}, missing.pt") == [inside, inside, "missing.pt"]
+    assert split_paths(str(run_dir)) == [str(run_dir)]  # the folder whole, so the error can name the file inside
 
 
 def test_path_values_are_quoted_for_hydra() -> None:
     keys = ("checkpoint", "out")
     argv = ["checkpoint=a.pt,b.pt", "x=1,2", "checkpoint='c,d'", "out=runs/lr=0.1/e.json", "out=plain.json"]
+    argv += ["checkpoint=[a.pt,b.pt]", "out=choice(a,b)"]
     assert quote_paths(argv, keys) == [
         "checkpoint='a.pt,b.pt'",
         "x=1,2",  # not a path key: a sweep stays a sweep
         "checkpoint='c,d'",
         "out='runs/lr=0.1/e.json'",
         "out=plain.json",
+        "checkpoint=[a.pt,b.pt]",  # Hydra's own list and sweep syntax is left to Hydra
+        "out=choice(a,b)",
     ]
 
 

@@ -4,6 +4,7 @@ shards, Hydra sweeps, signals, and the one-line errors of bad input."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -137,14 +138,22 @@ def test_two_rank_training_writes_every_output(reference_run: Path, shard_root: 
     )
 
 
-def interrupt_after_first_log_line(overrides: list[str], cwd: Path, run_dir: Path, signum: int) -> tuple[int, str, str]:
-    """Start train.main, send ``signum`` once its first metrics line is written (mid-epoch): (status, out, err)."""
-    process = subprocess.Popen(command(*overrides), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def interrupt_after_first_log_line(
+    overrides: list[str], cwd: Path, run_dir: Path, signum: int, group: bool = False
+) -> tuple[int, str, str]:
+    """Start train.main, send ``signum`` once its first metrics line is written (mid-epoch): (status, out, err).
+    ``group``: to every process of the command, as a terminal's Ctrl-C."""
+    process = subprocess.Popen(
+        command(*overrides), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group
+    )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.02)
-    process.send_signal(signum)
+    if group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=120)
     return process.returncode, stdout, stderr
 
@@ -174,15 +183,16 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(reference_run: Path
 
 
 def test_ctrl_c_with_one_device_saves_and_the_same_command_resumes(shard_root: Path, tmp_path: Path) -> None:
-    """One device runs its rank in the launching process, where Ctrl-C lands: a graceful stop, not a traceback."""
+    """One device runs its rank in the launching process, where Ctrl-C lands: a graceful stop, not a traceback.
+    With the torch loader's worker processes, which get the terminal's Ctrl-C too."""
     run_dir = tmp_path / "run"
-    overrides = [
-        o if o != "trainer.devices=2" else "trainer.devices=1" for o in two_rank_overrides(shard_root, run_dir)
-    ]
-    returncode, stdout, stderr = interrupt_after_first_log_line(overrides, tmp_path, run_dir, signal.SIGINT)
+    one_device = {"trainer.devices=2": "trainer.devices=1"}
+    overrides = [one_device.get(o, o) for o in two_rank_overrides(shard_root, run_dir)]
+    overrides += ["data.loader=torch", "data.threads=2"]
+    returncode, stdout, stderr = interrupt_after_first_log_line(overrides, tmp_path, run_dir, signal.SIGINT, True)
     assert returncode == 128 + signal.SIGINT, stderr
     assert stderr.strip().count("\n") == 0 and "stopped by SIGINT" in stderr, stderr
-    assert "Ctrl-C again" in stdout
+    assert stdout.count("Ctrl-C again") == 1, stdout  # said by the trainer, not by each loader worker
     interrupted = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert interrupted["step"] < 20 and interrupted["step_in_epoch"] > 0
 
@@ -203,6 +213,9 @@ def test_a_refused_command_leaves_no_run_folder_behind(shard_root: Path, tmp_pat
     ]
     assert train(tmp_path, "data.root=/no/such/shards").returncode == 2
     assert not (tmp_path / "outputs" / "default" / "default").exists()
+    (tmp_path / "mine").mkdir()  # a folder the user named keeps existing, without Hydra's files
+    assert train(tmp_path, "data.root=/no/such/shards", f"hydra.run.dir={tmp_path / 'mine'}").returncode == 2
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
 
 
 def test_resume_refuses_other_settings_or_other_data_but_not_moved_data(

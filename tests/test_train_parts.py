@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,8 @@ from preprocess.cli import one_line
 from train.checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint, save_checkpoint
 from train.distributed import StopRun, launch
 from train.runlog import format_epoch_line, truncate_after
+
+REPO = Path(__file__).resolve().parents[1]
 
 # ---- workers for launch() (module level: spawned children import them by name) ----------------------------
 
@@ -161,3 +167,44 @@ def test_resume_drops_metrics_lines_past_the_checkpoint_and_a_torn_last_line(tmp
     path.write_text("\n".join([*kept, later]) + '\n{"kind": "step", "st')  # killed while writing step 5
     truncate_after(path, 3)
     assert path.read_text().splitlines() == kept
+
+
+# ---- stop signals ------------------------------------------------------------------------------------------------
+
+CTRL_C_DRIVER = """
+import os, signal, sys
+from train.loop import catching_stop_signals
+mode = sys.argv[1]
+try:
+    with catching_stop_signals() as stop:
+        if mode == "done":
+            stop.training_done = True
+        os.kill(os.getpid(), signal.SIGINT)
+        print("recorded", stop.signum, flush=True)
+        os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C
+        print("not reached", flush=True)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_is_recorded_once_then_interrupts() -> None:
+    """First Ctrl-C: recorded for the next log point; the second (or any once training is done): at once."""
+    run = [sys.executable, "-c", CTRL_C_DRIVER]
+    during = subprocess.run([*run, "training"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert f"recorded {int(signal.SIGINT)}\ninterrupted\n" in during.stdout, during.stderr
+    assert during.stdout.count("Ctrl-C: stopping at the next log point") == 1
+    after = subprocess.run([*run, "done"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert after.stdout == "interrupted\n", after.stderr
+
+
+def test_a_ctrl_c_not_acted_on_ends_the_command() -> None:
+    """Recorded but never reached a log point (it came after the last one): an interrupt when the worker returns,
+    so a sweep stops instead of running its next job."""
+    driver = (
+        "import os, signal\nfrom train.loop import catching_stop_signals\n"
+        "try:\n    with catching_stop_signals():\n        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    print('returned')\nexcept KeyboardInterrupt:\n    print('interrupted')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.stdout.endswith("interrupted\n") and "returned" not in done.stdout, done.stderr

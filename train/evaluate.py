@@ -54,13 +54,15 @@ DATA_OVERRIDES = ("root", "threads", "loader")
 
 def split_paths(checkpoint: str | Sequence[str]) -> list[str]:
     """``a.pt,b.pt`` (or a list) -> ``["a.pt", "b.pt"]``. A comma inside a path is kept where the pieces around it
-    name an existing file together: train.main's run folders with several overrides have commas in their names."""
+    name an existing file or folder together: train.main's run folders with several overrides have commas."""
     paths = []
     for item in [checkpoint] if isinstance(checkpoint, str) else list(checkpoint):
         pieces = str(item).split(",")
         while pieces:
-            ends = range(1, len(pieces) + 1)
-            end = next((n for n in ends if Path(",".join(pieces[:n]).strip()).is_file()), 1)
+            joined = [Path(",".join(pieces[:n]).strip()) for n in range(1, len(pieces) + 1)]
+            files = [n for n, path in enumerate(joined, 1) if path.is_file()]
+            folders = [n for n, path in enumerate(joined, 1) if path.is_dir()]
+            end = files[0] if files else folders[-1] if folders else 1  # a folder: the longest, to name its file
             path, pieces = ",".join(pieces[:end]).strip(), pieces[end:]
             if path:
                 paths.append(path)

@@ -56,13 +56,20 @@ CHECKPOINT_DIR = "checkpoints"
 
 class StopSignal:
     """Remembers the first SIGTERM/SIGUSR1/SIGINT received; acted on at the next synchronisation point. A second
-    Ctrl-C interrupts at once (no checkpoint)."""
+    Ctrl-C, or one once training is over (``training_done``: nothing left to checkpoint), interrupts at once.
+
+    Only the process that installed it acts: forked DataLoader workers inherit the handler and get the terminal's
+    Ctrl-C too; they leave stopping to the trainer."""
 
     def __init__(self) -> None:
         self.signum = 0
+        self.training_done = False
+        self.owner = os.getpid()
 
     def __call__(self, signum: int, _frame: object) -> None:
-        if signum == signal.SIGINT and self.signum:
+        if os.getpid() != self.owner:
+            return
+        if signum == signal.SIGINT and (self.signum or self.training_done):
             raise KeyboardInterrupt
         if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
             print("\nCtrl-C: stopping at the next log point with a checkpoint (Ctrl-C again: at once)", flush=True)
@@ -73,11 +80,14 @@ class StopSignal:
 def catching_stop_signals() -> Iterator[StopSignal]:
     """Record SIGTERM/SIGUSR1 while inside, and Ctrl-C where it reaches this process (a rank run in the launching
     process, or torchrun's, which share the terminal; spawned ranks ignore it and get SIGTERM from their parent).
-    On leaving, an outer Python handler (e.g. submitit's requeue) still gets the signal, after our checkpoint."""
+    On leaving, an outer Python handler (e.g. submitit's requeue) still gets the signal, after our checkpoint; a
+    Ctrl-C that came too late to be acted on ends the command (and a sweep) as an interrupt."""
     stop = StopSignal()
     interrupt = () if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else (signal.SIGINT,)
     with chained_signal_handlers(FORWARDED_SIGNALS + interrupt, stop):
         yield stop
+    if stop.signum == signal.SIGINT:
+        raise KeyboardInterrupt
 
 
 def train_worker(rank: int, world_size: int, config: dict[str, Any], run_dir: str) -> float:
@@ -276,6 +286,7 @@ class Trainer:
 
     def finish(self) -> dict[str, Any]:
         """Ten-crop evaluation of the final weights and summary.json."""
+        self.stop.training_done = True  # the checkpoint is written: a Ctrl-C from here on stops at once
         last = self.history[-1]
         tencrop = [None, None]
         if self.tc.tencrop:
@@ -431,7 +442,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         """Continue from a checkpoint: weights, optimizer, schedule, counters, this rank's loader and RNG."""
-        checkpoint = load_checkpoint(path, resuming=True)
+        checkpoint = load_checkpoint(path, resuming=path == self.run_dir / CHECKPOINT_DIR / "last.pt")
         conflicts = resume_conflicts(checkpoint["config"], self.config)
         dataset = dataset_fingerprint(self.train_loader.meta)
         if checkpoint.get("dataset", dataset) != dataset:  # checkpoints from before the fingerprint: not checked

@@ -64,15 +64,20 @@ def main(cfg: DictConfig) -> float | None:
     except StopRun as err:
         stop = err
     if int(os.environ.get("RANK", "0")) == 0:
-        if stop.exit_code == EXIT_BAD_INPUT:
+        if stop.exit_code == EXIT_BAD_INPUT and not is_torchrun():  # other torchrun ranks may be writing there
             remove_unused_run_dir(Path(run_dir))
         print(("error: " if stop.exit_code == EXIT_BAD_INPUT else "") + str(stop), file=sys.stderr, flush=True)
     sys.exit(stop.exit_code)
 
 
+HYDRA_ROOTS = ("outputs", "multirun")  # conf/config.yaml's hydra.run.dir and hydra.sweep.dir
+
+
 def remove_unused_run_dir(run_dir: Path) -> None:
-    """Remove what Hydra made for a command that was refused (.hydra/, an empty main.log), so typos do not leave a
-    trail of run folders; a folder holding anything else (a run's checkpoints or metrics) is left alone."""
+    """Remove what Hydra made for a command that was refused: .hydra/ and an empty main.log, and, where the run
+    folder is Hydra's default ``outputs/<name>/<overrides>`` or ``multirun/<name>/<overrides>`` in the cwd (made
+    by Hydra for this command), that folder and its parents once empty. So typos leave no trail of run folders;
+    a folder named with hydra.run.dir, or holding a run's checkpoints, metrics or anything else, stays."""
     if (run_dir / CHECKPOINT_DIR).exists() or (run_dir / METRICS_FILE).exists():
         return
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
@@ -80,11 +85,11 @@ def remove_unused_run_dir(run_dir: Path) -> None:
     log = run_dir / "main.log"
     if log.is_file() and log.stat().st_size == 0:
         log.unlink()
-    run_dir, cwd = run_dir.resolve(), Path.cwd().resolve()
-    parents = [folder for folder in run_dir.parents if folder.is_relative_to(cwd) and folder != cwd]
-    for folder in (run_dir / ".hydra", run_dir, *parents):  # then its empty parents inside the cwd: outputs/<name>
-        if cwd.is_relative_to(folder):  # hydra.run.dir=. (or above): never the folder the user works in
-            return
+    folders = [run_dir / ".hydra"]
+    hydra_root = run_dir.resolve().parent.parent
+    if hydra_root.parent == Path.cwd().resolve() and hydra_root.name in HYDRA_ROOTS:
+        folders += [run_dir, run_dir.parent, hydra_root]
+    for folder in folders:
         try:
             folder.rmdir()
         except OSError:  # not empty: something else lives there
