@@ -4,7 +4,6 @@ in numpy, the model run by hand, top-k counted with numpy; ensembles, two ranks,
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,11 +133,13 @@ def test_ensemble_on_two_ranks_from_the_command_line(shard_root: Path, checkpoin
     # the second as in a run folder of train.main with two overrides: a comma and '=' in the path
     second = tmp_path / "optim.lr=0.1,trainer.max_epochs=5" / "checkpoints" / "best.pt"
     second.parent.mkdir(parents=True)
-    shutil.copyfile(checkpoints[1], second)
+    state = torch.load(checkpoints[1], weights_only=False)
+    save_checkpoint(second, state | {"image_size": 128})  # as if trained on 128 px shards: a warning, not an error
     command = [sys.executable, "-m", "train.evaluate", f"checkpoint={checkpoints[0]},{second}"]
     command += [f"data.root={shard_root}", "data.threads=1", "devices=2", "batch_size=16", f"out={out}"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert done.stderr.count("warning: ") == 1 and "was trained on 128px shards, data.root holds 80px" in done.stderr
     result = json.loads(out.read_text())
     assert_result(result, expected([logits for logits, _ in sets], labels), len(labels))
     assert [per_model["patches"] for per_model in result["per_model"]] == [10, 5]

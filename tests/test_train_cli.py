@@ -127,6 +127,7 @@ def test_two_rank_training_writes_every_output(reference_run: Path, shard_root: 
     assert set(REQUIRED_KEYS) <= set(checkpoint) and (checkpoint["epoch"], checkpoint["step"]) == (2, 20)
     assert len(checkpoint["loader"]) == len(checkpoint["rng"]) == 2
     assert checkpoint["config"]["data"]["root"] == str(shard_root)  # resolved, plain
+    assert checkpoint["image_size"] == 80  # of the shards it trained on (conftest.SHARD_IMAGE_SIZE)
     assert (reference_run / "checkpoints" / "best.pt").is_file()
 
     # the errors the ranks counted together equal one process's count over the same weights

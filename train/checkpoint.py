@@ -10,6 +10,7 @@ A checkpoint (``checkpoints/last.pt``, ``checkpoints/best.pt``) is a dict::
     loader      per rank: the training loader's state_dict()
     config      the whole resolved config, a plain dict (config["model"], config["data"], ...)
     dataset     ``shard_format.dataset_fingerprint`` of the training data (a moved folder still matches)
+    image_size  the training shards' image size (evaluating on shards of another size changes the scale)
     metrics     {"history": [epoch lines], "best_val_top1_err", "partial": sums of the epoch in progress}
 
 Files are trusted (this project writes them): ``torch.load(weights_only=False)`` restores numpy and python

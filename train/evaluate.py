@@ -39,7 +39,7 @@ from pipeline.config import DataSpec
 from pipeline.loader import build_loader
 from preprocess.cli import run_cli
 from preprocess.config_values import ConfigValueError, as_bool, as_float, as_int
-from preprocess.shard_format import write_json_atomic
+from preprocess.shard_format import read_meta, write_json_atomic
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.config import ConfigError
 from train.distributed import StopRun, default_backend, launch, worker_device
@@ -242,6 +242,18 @@ class EvalOptions:
         return options
 
 
+def warn_of_another_scale(path: str, trained: int | None, evaluated: int) -> None:
+    """A model trained on shards of one image size sees objects at another scale in shards of another size: legal
+    (a scale study), but usually the wrong data.root, so say so on stderr."""
+    if trained is not None and int(trained) != int(evaluated):
+        print(
+            f"warning: {path} was trained on {trained}px shards, data.root holds {evaluated}px ones: "
+            "objects appear at another scale",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def writable_out(out: Any) -> Path | None:
     """``out`` (None when not given) once its folder exists and takes a new file: checked before evaluating."""
     if out is None or str(out) == "":
@@ -265,8 +277,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     options = EvalOptions.from_cfg(cfg)
     paths = split_paths(cfg["checkpoint"])
     for path in paths:  # fail here, before any worker starts, on a missing or damaged file or a bad data value
-        train_data = load_checkpoint(path)["config"]["data"]
-        DataSpec.from_cfg(eval_data_config(train_data, dict(cfg["data"]), options.batch_size))
+        checkpoint = load_checkpoint(path)
+        spec = DataSpec.from_cfg(eval_data_config(checkpoint["config"]["data"], dict(cfg["data"]), options.batch_size))
+        warn_of_another_scale(path, checkpoint.get("image_size"), read_meta(spec.root)["settings"]["image_size"])
     out_path = writable_out(cfg.get("out"))
     backend = default_backend()
     if backend == "nccl" and options.devices > torch.cuda.device_count():

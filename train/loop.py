@@ -427,6 +427,7 @@ class Trainer:
             "loader": [state["loader"] for state in states],
             "config": self.config,
             "dataset": dataset_fingerprint(self.train_loader.meta),
+            "image_size": int(self.train_loader.meta["settings"]["image_size"]),
             "metrics": {
                 "history": self.history,
                 "best_val_top1_err": self.best_val_top1_err,
