@@ -172,15 +172,15 @@ def chained_signal_handlers(signals: tuple[signal.Signals, ...], handler: Callab
 
 
 @contextmanager
-def _forwarding_signals(processes: list) -> Iterator[None]:
-    """While inside, SIGTERM/SIGUSR1 go on to the children and Ctrl-C becomes SIGTERM (twice: SIGKILL)."""
-    interrupts = 0
+def _forwarding_signals(processes: list) -> Iterator[list[int]]:
+    """While inside, SIGTERM/SIGUSR1 go on to the children and Ctrl-C becomes SIGTERM (twice: SIGKILL); yields the
+    list of Ctrl-Cs received."""
+    interrupts: list[int] = []
 
     def forward(signum: int, _frame: object) -> None:
-        nonlocal interrupts
         if signum == signal.SIGINT:
-            interrupts += 1
-            signum = signal.SIGTERM if interrupts == 1 else signal.SIGKILL
+            interrupts.append(signum)
+            signum = signal.SIGTERM if len(interrupts) == 1 else signal.SIGKILL
         for process in processes:
             if process.pid is not None and process.exitcode is None:
                 os.kill(process.pid, signum)
@@ -188,7 +188,7 @@ def _forwarding_signals(processes: list) -> Iterator[None]:
     previous_interrupt = signal.signal(signal.SIGINT, forward)
     try:
         with chained_signal_handlers(FORWARDED_SIGNALS, forward):
-            yield
+            yield interrupts
     finally:
         signal.signal(signal.SIGINT, previous_interrupt)
 
@@ -201,7 +201,7 @@ def _spawn(worker, world_size, args, backend, timeout_s, grace_s, port) -> Any:
         for rank in range(world_size)
     ]
     try:
-        with _forwarding_signals(processes):
+        with _forwarding_signals(processes) as interrupts:
             for process in processes:
                 process.start()
             reports = _watch(processes, results, grace_s)
@@ -214,6 +214,8 @@ def _spawn(worker, world_size, args, backend, timeout_s, grace_s, port) -> Any:
     if stops:
         _, rank, message, code = stops[0]
         raise StopRun(message, code)
+    if interrupts:  # workers killed by it (evaluation), or done before acting on it: no next job of a sweep
+        raise KeyboardInterrupt
     failed = [f"rank {rank} {_exit_reason(p.exitcode)}" for rank, p in enumerate(processes) if p.exitcode != 0]
     if failed:
         raise StopRun(f"worker {', '.join(failed)}; the others were stopped (its traceback, if any, is above)", 1)
