@@ -48,6 +48,14 @@ def rank_one_stops(rank: int, world_size: int) -> None:
     dist.barrier()  # rank 0 waits for a partner that is gone
 
 
+def finishes_despite_a_ctrl_c(rank: int, world_size: int, parent: int) -> str:
+    signal.signal(signal.SIGTERM, lambda *_: None)  # as a trainer past its last log point: nothing left to stop
+    if rank == 0:
+        os.kill(parent, signal.SIGINT)  # the user's Ctrl-C, which the parent forwards as SIGTERM
+    time.sleep(1.0)
+    return "finished"
+
+
 def test_launch_returns_rank0_result_of_a_real_all_reduce() -> None:
     assert launch(sum_of_ranks, 2, 10, timeout_s=60) == (2, 10.0 + 11.0)
     assert launch(sum_of_ranks, 1, 10, timeout_s=60) == (1, 10.0)
@@ -65,6 +73,12 @@ def test_a_dead_worker_stops_the_others_in_bounded_time() -> None:
         launch(rank_one_dies, 2, grace_s=2.0, timeout_s=60)
     assert caught.value.exit_code == 1
     assert time.monotonic() - started < 20  # rank 0 would have slept 120 s
+
+
+def test_a_ctrl_c_the_workers_outlived_ends_the_command() -> None:
+    """A sweep must not start its next job after a Ctrl-C, even when the workers finished instead of stopping."""
+    with pytest.raises(KeyboardInterrupt):
+        launch(finishes_despite_a_ctrl_c, 2, os.getpid(), grace_s=2.0, timeout_s=60)
 
 
 def test_stop_run_reaches_the_parent_with_its_message_and_code() -> None:
