@@ -45,12 +45,16 @@ def quote_paths(argv: Sequence[str], keys: Sequence[str]) -> list[str]:
     return quoted
 
 
+def unknown_key_line(key: str) -> str:
+    return f"unknown key '{key}': --help lists the keys this command takes"
+
+
 def hydra_error_line(err: BaseException) -> str:
     """Hydra's error as one line; for an unknown key, that (Hydra advises ``+key=``, which only adds a key that
     nothing reads)."""
     unknown = UNKNOWN_KEY.match(str(err))
     if unknown:
-        return f"unknown key '{unknown[1]}': --help lists the keys this command takes"
+        return unknown_key_line(unknown[1])
     plugin = next((extra for name, extra in PLUGIN_EXTRAS.items() if f"Could not load '{name}" in str(err)), None)
     if plugin:
         return f"{one_line(err).rstrip('.')}: a plugin that is not installed; pip install -e '.[{plugin}]'"
@@ -64,10 +68,9 @@ def run_cli(hydra_main: Callable[[], Any], path_keys: Sequence[str] = (), append
     the tools' keys are all in their configs, so an added one is a typo."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # makes Hydra raise them instead of printing a stack
     sys.argv[1:] = quote_paths(sys.argv[1:], path_keys)
-    appended = [arg for arg in sys.argv[1:] if arg.startswith("+") and not arg.startswith("++")]  # ++: override
-    added = [arg[1:].partition("=")[0] for arg in appended if not appends]
-    if added:
-        print(f"error: unknown key '{added[0]}': --help lists the keys this command takes", file=sys.stderr)
+    added = [arg[1:].partition("=")[0] for arg in sys.argv[1:] if arg[:1] == "+" and arg[:2] != "++"]  # ++: override
+    if added and not appends:
+        print(f"error: {unknown_key_line(added[0])}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     try:
         hydra_main()

@@ -59,8 +59,7 @@ def write_digits_tree(
     from sklearn.datasets import load_digits
 
     out = Path(out)
-    settings = {"seed": seed, "limit": limit, "val_fraction": val_fraction, "size_range": list(size_range)}
-    settings["quality"] = quality
+    settings = dict(seed=seed, limit=limit, val_fraction=val_fraction, size_range=list(size_range), quality=quality)
     _claim(out, settings)
     digits = load_digits()
     rng = np.random.default_rng(seed)

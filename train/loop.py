@@ -194,14 +194,18 @@ class Trainer:
 
     # ---- the run ---------------------------------------------------------------------------------------------
 
+    @property
+    def training_complete(self) -> bool:
+        """All epochs done, or the schedule's last plateau reached: only the final evaluation is left."""
+        return self.epoch >= self.tc.max_epochs or self.schedule.should_stop
+
     def fit(self) -> float:
         try:
-            done = self.epoch >= self.tc.max_epochs or self.schedule.should_stop
-            if self.resumed_from is not None and done:
+            if self.resumed_from is not None and self.training_complete:
                 self.log.info(f"{self.resumed_from}: training is complete ({self.epoch} epochs); evaluating it again")
             elif self.resumed_from is not None:
                 self.log.info(f"resumed from {self.resumed_from} at epoch {self.epoch + 1}, step {self.step}")
-            while self.epoch < self.tc.max_epochs and not self.schedule.should_stop:
+            while not self.training_complete:
                 self.train_epoch(self.train_loader)
                 self.end_epoch()
             return self.finish()["val_top1_err"]
@@ -463,16 +467,16 @@ class Trainer:
                 f"checkpoint {path} does not fit this config ({reason}): keep model/optim/schedule as in that run, "
                 "or use trainer.resume=never"
             ) from None
+        self.epoch, self.step = int(checkpoint["epoch"]), int(checkpoint["step"])
         ranks = len(checkpoint["loader"])
         if ranks == self.world_size:
             self.train_loader.load_state_dict(checkpoint["loader"][self.rank])
             restore_rng(checkpoint["rng"][self.rank], self.device)
-        elif int(checkpoint["epoch"]) < self.tc.max_epochs and not self.schedule.should_stop:  # finished: any ranks
+        elif not self.training_complete:  # a finished run is only evaluated again, by any number of ranks
             raise CheckpointError(
                 f"checkpoint {path} was written by {ranks} ranks, this run has {self.world_size}: "
                 f"use trainer.devices={ranks}"
             )
-        self.epoch, self.step = int(checkpoint["epoch"]), int(checkpoint["step"])
         self.step_in_epoch = int(checkpoint["step_in_epoch"])
         metrics = checkpoint["metrics"]
         self.history = list(metrics["history"])
