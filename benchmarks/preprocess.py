@@ -99,11 +99,18 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def timed(function, *args, **kwargs) -> tuple[float, float]:
+def timed(function) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one call: CPU time stays meaningful on a machine shared with others."""
     wall, cpu = time.perf_counter(), cpu_seconds()
-    function(*args, **kwargs)
+    function()
     return time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def warm_page_cache(paths: list[Path]) -> None:
+    """Read every file once, so each contender starts with the same files in memory (some VMs, this project's
+    benchmark machine among them, drop the page cache within seconds; reads during a run can still be slow)."""
+    for path in paths:
+        path.read_bytes()
 
 
 def stage_breakdown(paths: list[Path], size: int, quality: int) -> dict[str, float]:
@@ -145,11 +152,8 @@ def main() -> None:
         paths = write_images(tmp / "src", args.images)
         mean_kb = sum(p.stat().st_size for p in paths) / len(paths) / 1024
         print(f"{len(paths)} JPEGs, 500x375 / 375x500, quality 90, mean {mean_kb:.0f} KB; {workers} workers")
-        for path in paths:  # warm the page cache so every contender reads from memory
-            path.read_bytes()
-        seconds = {
-            "build_shards": timed(
-                build_shards,
+        contenders = {
+            "build_shards": lambda: build_shards(
                 tmp / "src",
                 tmp / "shards",
                 image_size=size,
@@ -159,9 +163,14 @@ def main() -> None:
                 shard_size=100,
                 show_progress=False,
             ),
-            "naive": timed(naive_loop, paths, tmp / "naive.tar", size, quality),
-            "floor": timed(floor, paths, workers, size, quality),
+            "naive": lambda: naive_loop(paths, tmp / "naive.tar", size, quality),
+            "floor": lambda: floor(paths, workers, size, quality),
         }
+        seconds = {}
+        for name, run in contenders.items():
+            warm_page_cache(paths)
+            seconds[name] = timed(run)
+        warm_page_cache(paths)
         breakdown = stage_breakdown(paths[:200], size, quality)
 
     n = len(paths)

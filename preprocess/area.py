@@ -3,14 +3,14 @@ area it covers.
 
 Output pixel ``i`` of an axis shrunk from ``src`` to ``dst`` pixels covers source ``[i s, (i + 1) s)``,
 ``s = src / dst``; source pixel ``k`` contributes with weight ``overlap([k, k + 1), [i s, (i + 1) s)) / s``.
-The same definition as OpenCV's ``INTER_AREA`` (outputs agree within 1), computed 1.6x faster (0.48 against
-0.78 ms for 375 -> 256 px): OpenCV's generic non-integer path is scalar, here both passes are vectorized loops
+The same definition as OpenCV's ``INTER_AREA`` (outputs agree within 1), computed 2.1x faster (0.32 against
+0.68 ms for 375 -> 256 px): OpenCV's generic non-integer path is scalar, here both passes are vectorized loops
 over whole rows (numba):
 
-1. vertical: ``rows(i) = sum_t w[i, t] * image[start[i] + t]``, over rows of ``src * 3`` values;
-2. transpose (blocked), so the horizontal pass also runs over contiguous rows;
+1. vertical: ``rows(i) = sum_t w[i, t] * image[start[i] + t]``, over rows of ``src * 3`` values, in float32;
+2. transpose (OpenCV), so the horizontal pass also runs over contiguous rows;
 3. horizontal, the same loop;
-4. transpose back, rounding to the nearest integer.
+4. round to uint8 and transpose back (OpenCV).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import functools
 import math
 import threading
 
+import cv2
 import numba
 import numpy as np
 
@@ -51,29 +52,6 @@ def _weighted_rows(source, row0, col0, start, weights, out) -> None:  # pragma: 
                     row[x] += weight * np.float32(src[x])
 
 
-@numba.njit(cache=True, nogil=True)
-def _transpose(source, out) -> None:  # pragma: no cover
-    """``out[x, y] = source[y, x]`` for (H, W, 3) float32 arrays, in 16x16 blocks."""
-    height, width = source.shape[0], source.shape[1]
-    for y0 in range(0, height, 16):
-        for x0 in range(0, width, 16):
-            for x in range(x0, min(x0 + 16, width)):
-                target = out[x]
-                for y in range(y0, min(y0 + 16, height)):
-                    pixel = source[y, x]
-                    target[y, 0], target[y, 1], target[y, 2] = pixel[0], pixel[1], pixel[2]
-
-
-@numba.njit(cache=True, nogil=True)
-def _transpose_round(source, out) -> None:  # pragma: no cover
-    """``out[x, y] = round(source[y, x])`` into uint8 (values are within [0, 255] up to float error)."""
-    half, top = np.float32(0.5), np.float32(255.0)
-    for y in range(source.shape[0]):
-        for x in range(source.shape[1]):
-            for c in range(3):
-                out[x, y, c] = np.uint8(min(source[y, x, c] + half, top))  # truncation of v + 0.5: rounding
-
-
 _scratch = threading.local()  # per thread: one float32 buffer per intermediate, reused from image to image
 
 
@@ -103,8 +81,6 @@ def area_shrink(image: np.ndarray, size: int) -> np.ndarray:
     vertical, turned, horizontal = _buffers(side, size)
     rows = np.ascontiguousarray(image).reshape(height, width * 3)
     _weighted_rows(rows, top, 3 * left, start, weights, vertical.reshape(size, side * 3))
-    _transpose(vertical, turned)
+    cv2.transpose(vertical, turned)
     _weighted_rows(turned.reshape(side, size * 3), 0, 0, start, weights, horizontal.reshape(size, size * 3))
-    out = np.empty((size, size, 3), np.uint8)
-    _transpose_round(horizontal, out)
-    return out
+    return cv2.transpose(cv2.convertScaleAbs(horizontal))  # rounds to nearest (ties to even), saturating

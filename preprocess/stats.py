@@ -1,16 +1,15 @@
 """Exact training-set pixel statistics: per-pixel mean image, RGB mean, 3x3 covariance and its eigenvectors.
 
-Each worker accumulates exact sums of uint8 pixel values: channel sums and sums of channel products in int64,
-the per-pixel image sum in float64. Every partial sum is an integer below 2**53 (ImageNet at 256x256: at most
-1.3e6 * 65536 * 255**2 = 5.5e15 < 9.0e15), so float64 holds them without rounding too, and merging partials in
-any order gives bit-identical results whatever the number of workers.
+Each worker accumulates exact integer sums of uint8 pixel values in int64, in one pass over each image: channel
+sums, sums of channel products, and the per-pixel image sum. Integers add exactly in any order, so merging partials
+gives bit-identical results whatever the number of workers (ImageNet at 256x256 reaches at most
+1.3e6 * 65536 * 255**2 = 5.5e15, far below int64's 9.2e18).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-import cv2
 import numba
 import numpy as np
 
@@ -18,16 +17,21 @@ from preprocess.shard_format import PixelStats
 
 
 @numba.njit(cache=True, nogil=True)
-def pixel_moments(rgb, channel_sum, outer_sum) -> None:  # pragma: no cover
-    """Add the image's per-channel sums and 3x3 sums of products to int64 ``channel_sum`` (3,) and ``outer_sum`` (3, 3).
+def add_pixel_sums(rgb, channel_sum, outer_sum, image_sum) -> None:  # pragma: no cover
+    """Add an (H, W, 3) uint8 image to int64 sums: per channel ``channel_sum`` (3,), of channel products
+    ``outer_sum`` (3, 3), and per pixel ``image_sum`` (H, W, 3).
 
     Exact integer arithmetic: a row of at most 256 pixels sums products below 2**24 in int32 (vectorized by
     LLVM), rows are added in int64. 8x faster than ``cv2.mulTransposed`` at 256 px, which was a tenth of the
-    preprocessing time per image. Rows longer than 256 pixels are summed in chunks of 256.
+    preprocessing time per image; the image sum is added in the same pass, while the row is in cache (twice as
+    fast as ``cv2.accumulate`` into float64). Rows longer than 256 pixels are summed in chunks of 256.
     """
     height, width = rgb.shape[0], rgb.shape[1]
     for y in range(height):
         row = rgb[y].reshape(3 * width)
+        row_sum = image_sum[y].reshape(3 * width)
+        for i in range(3 * width):
+            row_sum[i] += row[i]
         for chunk in range(0, width, 256):
             pixels = row[3 * chunk : 3 * min(chunk + 256, width)]
             s0 = s1 = s2 = p00 = p01 = p02 = p11 = p12 = p22 = np.int32(0)
@@ -64,14 +68,13 @@ class PixelAccumulator:
         self.images = 0
         self.channel_sum = np.zeros(3, np.int64)
         self.outer_sum = np.zeros((3, 3), np.int64)
-        self.image_sum = np.zeros((size, size, 3))
+        self.image_sum = np.zeros((size, size, 3), np.int64)
 
     def add(self, rgb: np.ndarray) -> None:
         if rgb.shape != (self.size, self.size, 3) or rgb.dtype != np.uint8:
             raise ValueError(f"expected a ({self.size}, {self.size}, 3) uint8 image, got {rgb.shape} {rgb.dtype}")
         self.images += 1
-        pixel_moments(np.ascontiguousarray(rgb), self.channel_sum, self.outer_sum)
-        cv2.accumulate(rgb, self.image_sum)  # SIMD, in float64
+        add_pixel_sums(np.ascontiguousarray(rgb), self.channel_sum, self.outer_sum, self.image_sum)
 
     def merge(self, other: PixelAccumulator) -> None:
         if other.size != self.size:
@@ -125,5 +128,5 @@ class PixelAccumulator:
         acc.images = int(arrays["images"])
         acc.channel_sum = np.asarray(arrays["channel_sum"]).astype(np.int64)
         acc.outer_sum = np.asarray(arrays["outer_sum"]).astype(np.int64)
-        acc.image_sum = np.asarray(arrays["image_sum"], dtype=np.float64)
+        acc.image_sum = np.asarray(arrays["image_sum"]).astype(np.int64)
         return acc

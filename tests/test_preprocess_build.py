@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
@@ -20,7 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocess.build_shards import build_shards
+from preprocess.build_shards import ShardTask, build_shards, write_shard_task
+from preprocess.layouts import Record
 from preprocess.shard_format import DatasetError, PixelStats, Sample, read_meta, shard_paths, write_shard
 from preprocess.stats import PixelAccumulator
 from preprocess.verify import verify
@@ -143,6 +145,50 @@ def test_dali_reads_the_shards_with_their_index_files(shard_root):
         for key, cls, _, jpeg in read_with_webdataset(shard_root, "train")
     )
     assert from_dali == from_wds
+
+
+def test_shards_are_byte_for_byte_what_tarfile_writes(tmp_path):
+    """write_shard builds its tar headers itself, for speed: tarfile writing the same members gives the same file,
+    and the index's offsets are where tarfile finds each member's data."""
+    rng = np.random.default_rng(0)
+    keys = ["n01440764_10026", "k" * 96, "k" * 97, "é_non_ascii", "z"]  # names of 100 and 101 bytes: ustar, pax
+    samples = [
+        Sample(key, rng.bytes(size), label)
+        for key, size, label in zip(keys, [0, 1, 511, 512, 70000], [0, 7, 999, 123456, 5], strict=True)
+    ]
+    write_shard(tmp_path / "ours.tar", samples)
+    with tarfile.open(tmp_path / "tarfile.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for sample in samples:
+            for ext, data in (
+                ("jpg", sample.jpeg),
+                ("cls", b"%d" % sample.label),
+                ("lbl", struct.pack("<i", sample.label)),
+            ):
+                info = tarfile.TarInfo(f"{sample.key}.{ext}")
+                info.size, info.mode, info.mtime, info.uname, info.gname = len(data), 0o444, 0, "", ""
+                tar.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "tarfile.tar").read_bytes()
+    with tarfile.open(tmp_path / "tarfile.tar") as tar:
+        expected = [f"{m.name.rsplit('.', 1)[1]} {m.offset_data} {m.size} {m.name}" for m in tar.getmembers()]
+    index = (tmp_path / "ours.idx").read_text().splitlines()
+    assert index[0] == f"v1.2 {len(samples)}"
+    assert " ".join(index[1:]).split() == " ".join(expected).split()
+
+
+def test_an_input_unreadable_when_its_turn_comes_is_rejected_and_the_rest_written(digits_src, tmp_path):
+    files = sorted((digits_src / "train").glob("*/*"))[:20]
+    records = [Record(f.stem, f.parent.name, str(f)) for f in files]
+    records[5] = Record("gone_1", "d0", str(tmp_path / "deleted.JPEG"))  # listed, then deleted before its read
+    task = ShardTask(str(tmp_path / "out"), "train", 0, tuple((r, 0) for r in records), SIZE, 90, 10**8)
+    task.part_path.parent.mkdir(parents=True)
+    info = write_shard_task(task)
+    assert info["count"] == 19
+    assert [(r["path"], r["reason"].split(":")[0]) for r in info["rejected"]] == [
+        (str(tmp_path / "deleted.JPEG"), "FileNotFoundError")
+    ]
+    with tarfile.open(task.path) as tar:
+        keys = [name[: -len(".jpg")] for name in tar.getnames() if name.endswith(".jpg")]
+    assert keys == [record.key for i, record in enumerate(records) if i != 5]
 
 
 def test_one_worker_writes_the_same_bytes_as_two(shard_root, digits_src, tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from preprocess.stats import PixelAccumulator, pixel_moments
+from preprocess.stats import PixelAccumulator, add_pixel_sums
 from preprocess.transcode import (
     UnusableImage,
     decode_jpeg,
@@ -216,13 +216,16 @@ def test_area_shrink_memory_does_not_grow_with_the_number_of_source_sizes():
     assert kept < 1_000_000  # one set of float intermediates per size would keep ~90 MB here
 
 
-def test_pixel_moments_are_exact_integer_sums_over_long_rows():
-    rgb = np.random.default_rng(3).integers(0, 256, (3, 600, 3), dtype=np.uint8)  # rows summed in 256-px chunks
+def test_pixel_sums_are_exact_integer_sums_over_long_rows():
+    images = np.random.default_rng(3).integers(0, 256, (2, 3, 600, 3), dtype=np.uint8)  # rows in 256-px chunks
     channel_sum, outer_sum = np.zeros(3, np.int64), np.zeros((3, 3), np.int64)
-    pixel_moments(rgb, channel_sum, outer_sum)
-    pixels = rgb.reshape(-1, 3).astype(np.int64)
+    image_sum = np.zeros((3, 600, 3), np.int64)
+    for rgb in images:
+        add_pixel_sums(rgb, channel_sum, outer_sum, image_sum)
+    pixels = images.reshape(-1, 3).astype(np.int64)
     assert np.array_equal(channel_sum, pixels.sum(axis=0))
     assert np.array_equal(outer_sum, pixels.T @ pixels)
+    assert np.array_equal(image_sum, images.astype(np.int64).sum(axis=0))
 
 
 def test_upscaling_keeps_a_linear_ramp_linear():
