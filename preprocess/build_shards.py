@@ -198,7 +198,7 @@ def read_ahead(records: Iterable[Record], depth: int = READ_AHEAD) -> Iterator[F
     """Each record's read, in order, started up to ``depth`` records early by background threads.
 
     File reads release the GIL, so the disk (or network file system) works while this process decodes: with
-    files not in the page cache, 6% more images/s on this project's 2-core benchmark machine.
+    files not in the page cache, 2.62 ms per image against 2.84 reading each file when its turn comes.
     A read's error is raised by its future's ``result()``, where the caller handles that record.
     """
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="read-ahead") as reader:
