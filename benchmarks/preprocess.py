@@ -49,17 +49,20 @@ def natural_image(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     return np.clip(image + 120, 0, 255).astype(np.uint8)
 
 
-def write_images(root: Path, count: int, classes: int = 10) -> list[Path]:
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(count):
-        height, width = (375, 500) if i % 4 else (500, 375)
-        path = root / "train" / f"n{i % classes:08d}" / f"n{i % classes:08d}_{i}.JPEG"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ok, data = cv2.imencode(".jpg", natural_image(rng, height, width), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        path.write_bytes(data.tobytes())
-        paths.append(path)
-    return paths
+def write_image(args: tuple[Path, int, int]) -> Path:
+    """Synthetic photograph ``index`` (its own seed: the same files whatever the number of processes)."""
+    root, index, classes = args
+    height, width = (375, 500) if index % 4 else (500, 375)
+    path = root / "train" / f"n{index % classes:08d}" / f"n{index % classes:08d}_{index}.JPEG"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = natural_image(np.random.default_rng([0, index]), height, width)
+    path.write_bytes(cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes())
+    return path
+
+
+def write_images(root: Path, count: int, workers: int, classes: int = 10) -> list[Path]:
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return pool.map(write_image, [(root, index, classes) for index in range(count)], chunksize=32)
 
 
 def naive_loop(paths: list[Path], out: Path, size: int, quality: int) -> None:
@@ -149,7 +152,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths = write_images(tmp / "src", args.images)
+        paths = write_images(tmp / "src", args.images, workers)
         mean_kb = sum(p.stat().st_size for p in paths) / len(paths) / 1024
         print(f"{len(paths)} JPEGs, 500x375 / 375x500, quality 90, mean {mean_kb:.0f} KB; {workers} workers")
         contenders = {
