@@ -140,12 +140,12 @@ def test_two_rank_training_writes_every_output(reference_run: Path, shard_root: 
 
 
 def interrupt_after_first_log_line(
-    overrides: list[str], cwd: Path, run_dir: Path, signum: int, group: bool = False
+    argv: list[str], cwd: Path, run_dir: Path, signum: int, group: bool = False
 ) -> tuple[int, str, str]:
-    """Start train.main, send ``signum`` once its first metrics line is written (mid-epoch): (status, out, err).
-    ``group``: to every process of the command, as a terminal's Ctrl-C."""
+    """Start a train.main command, send ``signum`` once its first metrics line is written (mid-epoch):
+    (status, out, err). ``group``: to every process of the command, as a terminal's Ctrl-C."""
     process = subprocess.Popen(
-        command(*overrides), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group
+        argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group
     )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -162,7 +162,7 @@ def interrupt_after_first_log_line(
 def test_sigterm_saves_and_resume_ends_with_the_same_weights(reference_run: Path, shard_root: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     overrides = two_rank_overrides(shard_root, run_dir)
-    returncode, _, stderr = interrupt_after_first_log_line(overrides, tmp_path, run_dir, signal.SIGTERM)
+    returncode, _, stderr = interrupt_after_first_log_line(command(*overrides), tmp_path, run_dir, signal.SIGTERM)
     assert returncode == 128 + signal.SIGTERM, stderr
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
     interrupted = load_checkpoint(run_dir / "checkpoints" / "last.pt")
@@ -183,6 +183,37 @@ def test_sigterm_saves_and_resume_ends_with_the_same_weights(reference_run: Path
     assert scalars["step/loss"] == list(range(1, 21)) and scalars["epoch/val_top1_err"] == [10, 20]
 
 
+SUBMITIT_LIKE_JOB = """
+import runpy, signal, sys
+from pathlib import Path
+
+checkpoint = Path(sys.argv[1])
+
+
+def requeue(signum, frame):  # what submitit installs for its preemption signal: requeue the job, then exit
+    print(f"requeued; checkpoint on disk: {checkpoint.is_file()}", flush=True)
+    sys.exit(3)
+
+
+signal.signal(signal.SIGUSR2, requeue)
+sys.argv = ["train.main", *sys.argv[2:]]
+runpy.run_module("train.main", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_submitits_preemption_signal_saves_before_its_requeue_handler_runs(shard_root: Path, tmp_path: Path) -> None:
+    """SLURM warns a job before preemption or its time limit; submitit asks for SIGUSR2 and requeues the job from its
+    own handler. The ranks save a mid-epoch checkpoint first, then that handler still runs."""
+    run_dir = tmp_path / "run"
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    argv = [sys.executable, "-c", SUBMITIT_LIKE_JOB, str(checkpoint), *two_rank_overrides(shard_root, run_dir)]
+    returncode, stdout, stderr = interrupt_after_first_log_line(argv, tmp_path, run_dir, signal.SIGUSR2)
+    assert returncode == 3, stderr
+    assert "requeued; checkpoint on disk: True" in stdout, stdout
+    interrupted = load_checkpoint(checkpoint)
+    assert interrupted["step"] < 20 and interrupted["step_in_epoch"] > 0
+
+
 def test_ctrl_c_with_one_device_saves_and_the_same_command_resumes(shard_root: Path, tmp_path: Path) -> None:
     """One device runs its rank in the launching process, where Ctrl-C lands: a graceful stop, not a traceback.
     With the torch loader's worker processes, which get the terminal's Ctrl-C too."""
@@ -190,7 +221,9 @@ def test_ctrl_c_with_one_device_saves_and_the_same_command_resumes(shard_root: P
     one_device = {"trainer.devices=2": "trainer.devices=1"}
     overrides = [one_device.get(o, o) for o in two_rank_overrides(shard_root, run_dir)]
     overrides += ["data.loader=torch", "data.threads=2"]
-    returncode, stdout, stderr = interrupt_after_first_log_line(overrides, tmp_path, run_dir, signal.SIGINT, True)
+    returncode, stdout, stderr = interrupt_after_first_log_line(
+        command(*overrides), tmp_path, run_dir, signal.SIGINT, True
+    )
     assert returncode == 128 + signal.SIGINT, stderr
     assert stderr.strip().count("\n") == 0 and "stopped by SIGINT" in stderr, stderr
     assert stdout.count("Ctrl-C again") == 1, stdout  # said by the trainer, not by each loader worker

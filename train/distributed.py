@@ -10,8 +10,9 @@ default process group initialised, and returns what rank 0's call returned:
   leaks in: pass everything the worker needs, resolved and picklable, in ``args``), each on a fresh port,
   so that jobs of a Hydra sweep run one after another in the same parent never meet a stale rendezvous.
 
-The parent watches its children: SIGTERM and SIGUSR1 (SLURM preemption) are forwarded to them, Ctrl-C is
-forwarded as SIGTERM (a second Ctrl-C kills them); when one child fails, the others get ``grace_s`` seconds
+The parent watches its children: SIGTERM, SIGUSR2 and SIGUSR1 (a scheduler's warning before preemption or the
+time limit: SIGUSR2 is submitit's, SIGUSR1 older submitit's; see ``FORWARDED_SIGNALS``) are forwarded to them,
+Ctrl-C is forwarded as SIGTERM (a second Ctrl-C kills them); when one child fails, the others get ``grace_s`` seconds
 (a gloo peer that lost its partner fails at once; one stuck elsewhere does not) and are then killed, so a
 dead worker never leaves the rest hanging. Process groups are created with a ``timeout_s`` collective timeout.
 
@@ -40,7 +41,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+def _stop_signals() -> tuple[signal.Signals, ...]:
+    """SIGTERM (kill, scancel) and the warning SLURM sends before preemption or the time limit: submitit asks for
+    ``$SUBMITIT_PREEMPT_SIGNAL`` (default USR2, since 2022: NCCL may catch USR1); older submitit and many
+    hand-written sbatch scripts use USR1."""
+    named = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+    return tuple(dict.fromkeys((signal.SIGTERM, named, signal.SIGUSR2, signal.SIGUSR1)))
+
+
+FORWARDED_SIGNALS = _stop_signals()  # each stops training with a checkpoint
 
 
 class StopRun(Exception):
@@ -151,7 +161,7 @@ def _child(worker, rank, world_size, port, backend, timeout_s, results, args) ->
 @contextmanager
 def chained_signal_handlers(signals: tuple[signal.Signals, ...], handler: Callable[[int, Any], None]) -> Iterator[None]:
     """Install ``handler`` for ``signals`` while inside; on leaving, restore the previous handlers and pass each
-    signal received to the previous handler when it was a Python function (e.g. submitit's requeue on SIGUSR1),
+    signal received to the previous handler when it was a Python function (e.g. submitit's requeue on SIGUSR2),
     so an outer scheduler still sees it, but only once our own work (the checkpoint) is done."""
     received: list[int] = []
 
@@ -173,7 +183,7 @@ def chained_signal_handlers(signals: tuple[signal.Signals, ...], handler: Callab
 
 @contextmanager
 def _forwarding_signals(processes: list) -> Iterator[list[int]]:
-    """While inside, SIGTERM/SIGUSR1 go on to the children and Ctrl-C becomes SIGTERM (twice: SIGKILL); yields the
+    """While inside, ``FORWARDED_SIGNALS`` go on to the children and Ctrl-C becomes SIGTERM (twice: SIGKILL); yields the
     list of Ctrl-Cs received."""
     interrupts: list[int] = []
 

@@ -55,8 +55,9 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 class StopSignal:
-    """Remembers the first SIGTERM/SIGUSR1/SIGINT received; acted on at the next synchronisation point. A second
-    Ctrl-C, or one once training is over (``training_done``: nothing left to checkpoint), interrupts at once.
+    """Remembers the first stop signal (``FORWARDED_SIGNALS``, or Ctrl-C) received; acted on at the next
+    synchronisation point. A second Ctrl-C, or one once training is over (``training_done``: nothing left to
+    checkpoint), interrupts at once.
 
     Only the process that installed it acts: forked DataLoader workers inherit the handler and get the terminal's
     Ctrl-C too; they leave stopping to the trainer."""
@@ -78,8 +79,9 @@ class StopSignal:
 
 @contextmanager
 def catching_stop_signals() -> Iterator[StopSignal]:
-    """Record SIGTERM/SIGUSR1 while inside, and Ctrl-C where it reaches this process (a rank run in the launching
-    process, or torchrun's, which share the terminal; spawned ranks ignore it and get SIGTERM from their parent).
+    """Record ``FORWARDED_SIGNALS`` (SIGTERM, SIGUSR2, SIGUSR1) while inside, and Ctrl-C where it reaches this
+    process (a rank run in the launching process, or torchrun's, which share the terminal; spawned ranks ignore it
+    and get SIGTERM from their parent).
     On leaving, an outer Python handler (e.g. submitit's requeue) still gets the signal, after our checkpoint; a
     Ctrl-C that came too late to be acted on ends the command (and a sweep) as an interrupt."""
     stop = StopSignal()
@@ -364,7 +366,7 @@ class Trainer:
         )
 
     def stop_if_signalled(self) -> None:
-        """If any rank got SIGTERM, SIGUSR1 or Ctrl-C, all save a checkpoint here and stop together."""
+        """If any rank got a stop signal or Ctrl-C, all save a checkpoint here and stop together."""
         flag = torch.tensor([self.stop.signum], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         signum = int(flag.item())

@@ -11,7 +11,8 @@ sweep job, where ``<overrides>`` is Hydra's ``override_dirname`` without keys th
 
 Exit status: 0 done; 2 bad input (one line on stderr: missing data, bad stats, unknown key, bad checkpoint);
 1 training diverged (NaN/inf loss; the last good checkpoint is kept) or a worker crashed;
-128 + signal number after SIGTERM/SIGUSR1/Ctrl-C, once the checkpoint is saved (re-run to resume).
+128 + signal number after SIGTERM/SIGUSR2/SIGUSR1/Ctrl-C, once the checkpoint is saved (re-run to resume;
+under submitit, its own handler then requeues the job).
 """
 
 from __future__ import annotations
