@@ -29,6 +29,7 @@ from hydra import compose, initialize_config_dir
 
 # The scripts here are named like the packages they measure: keep this folder off the import path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+from train.config import TrainerConfig  # noqa: E402
 from train.distributed import launch  # noqa: E402
 from train.loop import StopSignal, Trainer  # noqa: E402
 from train.main import resolve  # noqa: E402
@@ -59,10 +60,14 @@ def config_for(args: argparse.Namespace, data_root: Path) -> dict:
         return resolve(compose("config", overrides=overrides))
 
 
-def timed(run, steps: int, batch: int) -> float:
-    """Images per second of ``run()`` (which does ``steps`` steps of ``batch`` images)."""
+def timed(run, steps: int, batch: int, device: torch.device) -> float:
+    """Images per second of ``run()`` (which does ``steps`` steps of ``batch`` images), including the device work
+    it queued: on a GPU, the host runs ahead of the kernels."""
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    synchronize()
     started = time.perf_counter()
     run()
+    synchronize()
     return steps * batch / (time.perf_counter() - started)
 
 
@@ -99,8 +104,12 @@ def benchmark(rank: int, world_size: int, config: dict, run_dir: str, args: argp
     bare = bare_loop(bare_model, config["optim"], batches, trainer.tc.bf16)
     ours = lambda: trainer.train_epoch(batches)  # noqa: E731 - the loop exactly as train.main runs it
 
-    timed(ours, args.steps, shape[0]), timed(bare, args.steps, shape[0])  # warm-up (allocator, thread pools)
-    rounds = [(timed(ours, args.steps, shape[0]), timed(bare, args.steps, shape[0])) for _ in range(args.rounds)]
+    device = trainer.device
+    timed(ours, args.steps, shape[0], device), timed(bare, args.steps, shape[0], device)  # warm-up
+    rounds = [
+        (timed(ours, args.steps, shape[0], device), timed(bare, args.steps, shape[0], device))
+        for _ in range(args.rounds)
+    ]
     ours_ips, bare_ips = max(r[0] for r in rounds), max(r[1] for r in rounds)
 
     for _ in range(2):  # the second epoch: DALI's start-up and first prefetch are behind us
@@ -131,7 +140,8 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_root = args.data or demo_shards(Path(tmp), args.crop + 32)
         config = config_for(args, data_root)
-        result = launch(benchmark, 1, config, str(Path(tmp) / "run"), args, backend="gloo")
+        backend = TrainerConfig.from_mapping(config["trainer"]).backend  # NCCL on a GPU, as train.main
+        result = launch(benchmark, 1, config, str(Path(tmp) / "run"), args, backend=backend)
     print(
         f"model width {args.width}, crop {args.crop}, batch {args.batch}, {result['threads']} threads, "
         f"best of {args.rounds} rounds of {args.steps} steps"

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from preprocess.cli import one_line
 from train.checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint, save_checkpoint
-from train.distributed import StopRun, launch
+from train.distributed import StopRun, cuda_index, launch
 from train.runlog import format_epoch_line, truncate_after
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +158,14 @@ def test_epoch_line_shows_percentages() -> None:
     line = format_epoch_line(record, 90)
     assert line.startswith("epoch 3/90 | loss 1.2346 | train err 50.00%")
     assert "top-1 25.00% top-5 12.50%" in line and "1234 img/s" in line and "data wait 3.1%" in line
+
+
+def test_each_rank_gets_its_own_gpu_or_the_one_it_sees() -> None:
+    assert [cuda_index(rank, 4) for rank in range(4)] == [0, 1, 2, 3]  # one process per GPU of the node
+    assert cuda_index(3, 1) == 0  # a launcher showing each rank one GPU (CUDA_VISIBLE_DEVICES per task)
+    with pytest.raises(StopRun, match="local rank 2 sees 2 GPUs") as stop:
+        cuda_index(2, 2)
+    assert stop.value.exit_code == 2
 
 
 def test_one_line_joins_message_and_cause() -> None:

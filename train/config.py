@@ -73,8 +73,11 @@ class TrainerConfig:
 
     @property
     def bf16(self) -> bool:
-        """bf16 autocast: on GPUs by default (``auto``), fp32 on the CPU."""
-        return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
+        """bf16 autocast: by default (``auto``) on GPUs with native bf16 (Ampere and later; older ones would emulate
+        it, slower than fp32), fp32 on other GPUs and on the CPU."""
+        if self.precision == "auto":
+            return self.use_gpu and torch.cuda.is_bf16_supported(including_emulation=False)
+        return self.precision == "bf16"
 
 
 def check_devices(trainer: TrainerConfig) -> None:

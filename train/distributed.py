@@ -77,10 +77,25 @@ def local_world_size() -> int:
 
 
 def worker_device(backend: str) -> torch.device:
-    """The device of this rank: ``cuda:LOCAL_RANK`` with NCCL, the CPU with gloo."""
+    """The device of this rank: its GPU with NCCL (see ``cuda_index``), the CPU with gloo."""
     if backend == "nccl":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+        return torch.device("cuda", cuda_index(local_rank, torch.cuda.device_count()))
     return torch.device("cpu")
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The GPU of a rank: the one it sees where a launcher gives each rank its own (SLURM's ``--gpus-per-task``),
+    else the one at its local rank."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise StopRun(
+            f"local rank {local_rank} sees {visible} GPUs: start at most one rank per GPU of the node "
+            "(trainer.devices, or torchrun --nproc-per-node)",
+            2,  # bad input
+        )
+    return local_rank
 
 
 def free_port() -> int:

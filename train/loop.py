@@ -242,8 +242,7 @@ class Trainer:
             self.step_in_epoch += 1
             self.log.advance(self.global_batch)
             if self.step % self.tc.log_every == 0 and self.step_in_epoch < self.steps_per_epoch:
-                self.sync(window, lr)
-                window = self.new_window()
+                window = self.new_window(start=self.sync(window, lr))
                 self.stop_if_signalled()
         if window.steps:
             self.sync(window, self.optimizer.param_groups[0]["lr"])
@@ -320,8 +319,11 @@ class Trainer:
 
     # ---- steps, synchronisation, evaluation ------------------------------------------------------------------
 
-    def new_window(self) -> Window:
-        return Window(torch.zeros(3, dtype=torch.float64, device=self.device))
+    def new_window(self, start: float | None = None) -> Window:
+        """A window from ``start`` (default: now). Windows chain from the moment the previous sync began: on a GPU
+        the host runs ahead of the device and catches up inside the sync, time no window would count otherwise."""
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        return Window(sums) if start is None else Window(sums, start=start)
 
     def to_device(self, images: torch.Tensor) -> torch.Tensor:
         """Images on the device (channels_last when set); a float16/bfloat16 ``data.dtype`` is widened to the fp32
@@ -334,11 +336,13 @@ class Trainer:
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.tc.bf16)
 
-    def sync(self, window: Window, lr: float) -> None:
-        """All-reduce a window's sums (the host waits here), stop on NaN/inf, write a step line."""
+    def sync(self, window: Window, lr: float) -> float:
+        """All-reduce a window's sums (the host waits here), stop on NaN/inf, write a step line; returns the time
+        the sync began (where the next window starts)."""
         # each rank's wait as a fraction of its own window: ranks' windows start and end at slightly different
         # times, so averaging raw seconds could exceed this rank's window (a data_wait above 1)
-        seconds = time.perf_counter() - window.start
+        began = time.perf_counter()
+        seconds = began - window.start
         fraction = torch.tensor([window.wait / seconds], dtype=torch.float64, device=self.device)
         totals = torch.cat([window.device_sums, fraction])
         dist.all_reduce(totals)
