@@ -188,6 +188,24 @@ def test_gpu_graph_is_defined_without_a_gpu(shard_root: Path, mode: str) -> None
     assert pipe is not None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: mixed (nvJPEG) decoding and GPU operators")
+@pytest.mark.parametrize("mode", ["center", "tencrop"])
+def test_gpu_path_gives_the_cpu_paths_images(shard_root: Path, mode: str) -> None:
+    """The same images from the GPU graph as from the CPU path, up to decoding: nvJPEG's inverse DCT is not
+    libjpeg-turbo's, so pixels may differ by a few levels, rarely and without bias."""
+    cfg = data_cfg(shard_root, std=True)
+    std = torch.from_numpy(np.sqrt(np.diag(PixelStats.load(shard_root).cov))).float().view(3, 1, 1)
+    on_cpu, on_gpu = build_loader(cfg, "val", mode), build_loader(cfg, "val", mode, device="cuda:0")
+    batches = 0
+    for (cpu_images, cpu_labels), (gpu_images, gpu_labels) in zip(on_cpu, on_gpu, strict=True):
+        assert gpu_images.device.type == "cuda" and gpu_images.shape == cpu_images.shape
+        assert torch.equal(gpu_labels.cpu(), cpu_labels.cpu())
+        levels = (gpu_images.float().cpu() - cpu_images.float()).abs() * std  # back on the 0-255 scale
+        assert levels.mean() < 0.5 and levels.max() < 8
+        batches += 1
+    assert batches > 0
+
+
 def test_output_buffers_are_reused_only_when_released() -> None:
     pool = BufferPool((2, 3))
     held = torch.from_numpy(pool.take())[:1]  # a view of a batch the trainer still holds
