@@ -56,6 +56,26 @@ def finishes_despite_a_ctrl_c(rank: int, world_size: int, parent: int) -> str:
     return "finished"
 
 
+def stops_on_sigterm(rank: int, world_size: int, parent: int) -> None:
+    """As the trainer: a SIGTERM is acted on at the next log point, ending the run with a StopRun naming it."""
+    stopped: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _: stopped.append(signum))
+    if rank == 0:
+        os.kill(parent, signal.SIGINT)  # the user's Ctrl-C, which the parent forwards as SIGTERM
+    deadline = time.monotonic() + 30
+    while not stopped and time.monotonic() < deadline:
+        time.sleep(0.05)
+    raise StopRun("stopped by SIGTERM at epoch 1, step 3: checkpoint saved", 128 + signal.SIGTERM)
+
+
+def test_a_ctrl_c_the_workers_got_as_sigterm_is_reported_as_the_ctrl_c(capsys) -> None:
+    with pytest.raises(StopRun) as stop:
+        launch(stops_on_sigterm, 2, os.getpid(), timeout_s=60)
+    assert stop.value.exit_code == 128 + signal.SIGINT
+    assert str(stop.value) == "stopped by SIGINT (Ctrl-C) at epoch 1, step 3: checkpoint saved"
+    assert capsys.readouterr().out.count("Ctrl-C: asking the workers to stop") == 1
+
+
 def test_launch_returns_rank0_result_of_a_real_all_reduce() -> None:
     assert launch(sum_of_ranks, 2, 10, timeout_s=60) == (2, 10.0 + 11.0)
     assert launch(sum_of_ranks, 1, 10, timeout_s=60) == (1, 10.0)

@@ -42,7 +42,7 @@ def run(command: list[str]) -> None:
         status = step.wait()
     finally:
         signal.signal(signal.SIGINT, previous)
-    if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # spawned trainer workers stop on SIGTERM
+    if status in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # Ctrl-C, or the step was sent SIGTERM
         print("demo: interrupted; run it again to continue where it stopped", file=sys.stderr)
         sys.exit(status)
     if status != 0:

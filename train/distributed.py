@@ -12,9 +12,10 @@ default process group initialised, and returns what rank 0's call returned:
 
 The parent watches its children: SIGTERM, SIGUSR2 and SIGUSR1 (a scheduler's warning before preemption or the
 time limit: SIGUSR2 is submitit's, SIGUSR1 older submitit's; see ``FORWARDED_SIGNALS``) are forwarded to them,
-Ctrl-C is forwarded as SIGTERM (a second Ctrl-C kills them); when one child fails, the others get ``grace_s`` seconds
-(a gloo peer that lost its partner fails at once; one stuck elsewhere does not) and are then killed, so a
-dead worker never leaves the rest hanging. Process groups are created with a ``timeout_s`` collective timeout.
+Ctrl-C is forwarded as SIGTERM (a second Ctrl-C kills them; the workers' stop for that SIGTERM is reported as
+the Ctrl-C, status 130); when one child fails, the others get ``grace_s`` seconds (a gloo peer that lost its
+partner fails at once; one stuck elsewhere does not) and are then killed, so a dead worker never leaves the rest
+hanging. Process groups are created with a ``timeout_s`` collective timeout.
 
 A worker ends a run with a one-line message and an exit status by raising ``StopRun``: the launcher carries it
 from whichever rank raised it (rank 0's first) to the parent and re-raises it there, without a traceback. A
@@ -205,6 +206,8 @@ def _forwarding_signals(processes: list) -> Iterator[list[int]]:
     def forward(signum: int, _frame: object) -> None:
         if signum == signal.SIGINT:
             interrupts.append(signum)
+            if len(interrupts) == 1:
+                print("\nCtrl-C: asking the workers to stop (Ctrl-C again: at once)", flush=True)
             signum = signal.SIGTERM if len(interrupts) == 1 else signal.SIGKILL
         for process in processes:
             if process.pid is not None and process.exitcode is None:
@@ -238,6 +241,8 @@ def _spawn(worker, world_size, args, backend, timeout_s, grace_s, port) -> Any:
     stops = sorted((r for r in reports if r[0] == "stop"), key=lambda r: r[1])
     if stops:
         _, rank, message, code = stops[0]
+        if interrupts and code == 128 + signal.SIGTERM:  # the SIGTERM was our forwarding of a Ctrl-C: say so
+            message, code = message.replace("SIGTERM", "SIGINT (Ctrl-C)", 1), 128 + signal.SIGINT
         raise StopRun(message, code)
     if interrupts:  # workers killed by it (evaluation), or done before acting on it: no next job of a sweep
         raise KeyboardInterrupt
