@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.config import DataSpec
 from pipeline.lighting import mean_patch
 from pipeline.loader import build_loader
-from preprocess.cli import run_cli
+from preprocess.cli import EXIT_BAD_INPUT, run_cli
 from preprocess.config_values import as_int
 from preprocess.shard_format import DatasetError, read_meta, temporary_path
 
@@ -118,7 +118,7 @@ def main(cfg: DictConfig) -> None:
         out = preview(data, cfg.split, n, cfg.out, seed=seed, mode=cfg.mode)
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     print(f"wrote {out / 'preview.png'} and {out / 'batch.npz'} ({cfg.n} {cfg.split} samples)")
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from preprocess.cli import run_cli
+from preprocess.cli import EXIT_BAD_INPUT, run_cli
 from preprocess.config_values import ConfigValueError, as_bool, as_int, as_optional_int
 from preprocess.layouts import Dataset, Record, scan
 from preprocess.shard_format import (
@@ -457,7 +457,7 @@ def main(cfg: DictConfig) -> None:
         summary = build_shards(**OmegaConf.to_container(cfg, resolve=True))
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt as err:
         print("interrupted: complete shards are kept; run the same command again to finish", file=sys.stderr)
         sys.exit(128 + (signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT))

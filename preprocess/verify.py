@@ -23,7 +23,7 @@ import numpy as np
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from preprocess.cli import run_cli
+from preprocess.cli import EXIT_BAD_INPUT, run_cli
 from preprocess.config_values import as_optional_int
 from preprocess.shard_format import (
     CLASS_EXT,
@@ -180,13 +180,13 @@ def verify(root: str | Path, workers: int = 1, show_progress: bool = False) -> l
 def main(cfg: DictConfig) -> None:
     if cfg.out is None:
         print("error: out= is required: the folder written by preprocess.build_shards", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     try:
         workers = as_optional_int("workers", cfg.workers, low=1) or len(os.sched_getaffinity(0))
         problems = verify(cfg.out, workers, show_progress=True)
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     if problems:
         print(f"{cfg.out}: {len(problems)} problem(s):", *problems, sep="\n  ", file=sys.stderr)
         sys.exit(1)

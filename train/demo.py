@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from preprocess.cli import EXIT_BAD_INPUT
 from preprocess.shard_format import META_FILE
 
 DEMO_IMAGE_SIZE = 128
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> None:
     args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
     if any("=" not in arg for arg in argv) or set(args) - {"out", "devices"}:
         print(f"error: unknown arguments {argv}: the demo takes out=DIR and devices=N (see --help)", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     out = Path(args.get("out", "data/demo"))
     devices = args.get("devices", "2")
     src, shards = out / "src", out / "shards"

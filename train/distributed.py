@@ -42,6 +42,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from preprocess.cli import EXIT_BAD_INPUT
+
 
 def _stop_signals() -> tuple[signal.Signals, ...]:
     """SIGTERM (kill, scancel) and the warning SLURM sends before preemption or the time limit: submitit asks for
@@ -94,7 +96,7 @@ def cuda_index(local_rank: int, visible: int) -> int:
         raise StopRun(
             f"local rank {local_rank} sees {visible} GPUs: start at most one rank per GPU of the node "
             "(trainer.devices, or torchrun --nproc-per-node)",
-            2,  # bad input
+            EXIT_BAD_INPUT,
         )
     return local_rank
 

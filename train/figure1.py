@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from preprocess.cli import EXIT_BAD_INPUT
 from preprocess.config_values import as_float
 from train.runlog import METRICS_FILE
 from train.visualize import _pyplot, save_figure
@@ -137,13 +138,13 @@ def main(argv: list[str]) -> None:
     args = dict(arg.split("=", 1) for arg in argv if "=" in arg)
     if any("=" not in arg for arg in argv) or set(args) - {"dir", "out", "threshold"}:
         print(f"error: unknown arguments {argv}; {USAGE}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     try:
         threshold = as_float("threshold", args.get("threshold", 0.25), low=0, high=1)
         result = figure1(args.get("dir", "multirun/figure1"), args.get("out"), threshold)
     except (Figure1Error, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     print(describe(result))
 
 

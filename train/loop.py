@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.loader import build_loader
+from preprocess.cli import EXIT_BAD_INPUT
 from preprocess.shard_format import DatasetError, dataset_fingerprint, write_json_atomic
 from train.checkpoint import (
     CheckpointError,
@@ -49,7 +50,6 @@ from train.runlog import SUMMARY_FILE, RunLog
 from train.schedule import build_schedule
 
 EXIT_DIVERGED = 1
-EXIT_BAD_INPUT = 2
 USER_ERRORS = (DatasetError, ConfigError, CheckpointError)
 CHECKPOINT_DIR = "checkpoints"
 
