@@ -29,6 +29,7 @@ from webdataset.tariterators import tarfile_samples
 # The scripts here are named like the packages they measure: keep this folder off the import path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 from pipeline.loader import build_loader  # noqa: E402
+from preprocess.cli import EXIT_BAD_INPUT  # noqa: E402
 from preprocess.shard_format import DatasetError, read_meta, shard_paths  # noqa: E402
 
 
@@ -104,7 +105,7 @@ def main(cfg: DictConfig) -> None:
         result = run(cfg)
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_BAD_INPUT)
     print(
         f"{result['loader']}: {result['images_per_sec']} images/s on {result['threads']} threads "
         f"(best of {len(result['rounds'])} rounds; median {result['median_images_per_sec']})"
