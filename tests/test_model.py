@@ -57,7 +57,7 @@ def test_grouped_layers_connect_only_within_their_column(paper_net: AlexNet) -> 
     y[:, 48:] += torch.randn(1, 48, 27, 27)  # change only the second column's inputs
     with torch.no_grad():
         a, b = paper_net.conv2(x), paper_net.conv2(y)
-    assert torch.equal(a[:, :128], b[:, :128])
+    torch.testing.assert_close(a[:, :128], b[:, :128])  # not bit-equal: two calls may take different kernels
     assert not torch.allclose(a[:, 128:], b[:, 128:])
     assert paper_net.conv3.groups == 1  # conv3 sees both halves
 
@@ -130,12 +130,14 @@ def test_ablation_switches_change_the_network() -> None:
     plain.conv2.register_forward_pre_hook(lambda m, i: seen.__setitem__("conv2_in", i[0]))
     plain.train()
     out1, out2 = plain(x), plain(x)
-    assert torch.equal(out1, out2)  # no dropout: training mode is deterministic
+    # no dropout: training mode is deterministic, up to rounding (MKL does not promise bit-equal results from one call
+    # to the next: its path may depend on buffer alignment and thread count; a CI run once saw them differ)
+    torch.testing.assert_close(out1, out2)
     assert seen["conv2_in"].min() < 0 and seen["conv2_in"].abs().max() <= 1  # tanh, not relu
     dropped = AlexNet(10, crop_size=64, width=0.25).train()
-    assert not torch.equal(dropped(x), dropped(x))
+    assert not torch.allclose(dropped(x), dropped(x))
     dropped.eval()
-    assert torch.equal(dropped(x), dropped(x))
+    torch.testing.assert_close(dropped(x), dropped(x))
 
 
 def test_embed_is_fc7_after_relu() -> None:
