@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.lighting import LIGHTING_SCALES, MEAN_MODES, channel_std, lighting_matrix
 from preprocess.config_values import ConfigValueError, as_bool, as_choice, as_float, as_int, as_optional_int
-from preprocess.shard_format import DatasetError, PixelStats, read_meta, shard_paths
+from preprocess.shard_format import META_FILE, DatasetError, PixelStats, read_meta, shard_paths
 
 MODES = ("train", "center", "tencrop")
 LOADERS = ("dali", "torch")
@@ -82,8 +82,13 @@ class DataSpec:
         """Explicit ``threads``, else this machine's cores shared by the ranks running on it."""
         if self.threads is not None:
             return self.threads
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        return max(1, len(os.sched_getaffinity(0)) // max(1, local_ranks))
+        return max(1, len(os.sched_getaffinity(0)) // ranks_on_this_node(world_size))
+
+
+def ranks_on_this_node(world_size: int) -> int:
+    """The ranks sharing this machine's cores: ``LOCAL_WORLD_SIZE`` (torchrun, train.main's own workers), else
+    SLURM's ``--ntasks-per-node`` (srun starting one rank per task), else all ``world_size`` ranks."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or world_size))
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,11 @@ def plan_split(spec: DataSpec, meta: dict, split: str, mode: str, rank: int, wor
             f"data.batch_size={spec.batch_size} does not divide by world_size={world_size}: use a multiple"
         )
     paths = tuple(shard_paths(spec.root, split, meta))
-    image_size = int(meta.get("settings", {}).get("image_size", 0))
+    image_size = meta.get("settings", {}).get("image_size")
+    if not isinstance(image_size, int):
+        raise DatasetError(
+            f"{Path(spec.root) / META_FILE} has no settings.image_size: rebuild the shards with preprocess.build_shards"
+        )
     if not spec.crop_size <= image_size:
         raise DatasetError(
             f"data.crop_size={spec.crop_size} does not fit the {image_size}px images of {spec.root}: "

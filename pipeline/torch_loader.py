@@ -1,6 +1,7 @@
 """The reference loader: webdataset + torch DataLoader + OpenCV/numpy, with the DALI loader's semantics.
 
-Same shard rule (rank r reads samples [N r / W, N (r+1) / W) of the concatenated tars), same batch counts,
+Same parts (rank r reads samples [N r / W, N (r+1) / W) of the concatenated tars; in training DALI moves a rank
+to the next part every epoch, this loader does not), same batch counts,
 same kind of shuffle (the tar order is permuted per epoch with a seed shared by the ranks, then samples
 pass a shuffle buffer), same augmentation formula (``pipeline.lighting.augment_numpy``). The draws differ
 from DALI's (another RNG), so the two agree in distribution, and pixel for pixel given the same draws.

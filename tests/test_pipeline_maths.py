@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
-from pipeline.config import DataSpec, SplitPlan, shard_range
+from pipeline.config import DataSpec, SplitPlan, plan_split, ranks_on_this_node, shard_range
 from pipeline.lighting import (
     augment_numpy,
     channel_std,
@@ -74,6 +76,19 @@ def test_shard_ranges_partition_the_split_like_dali(count: int, world: int) -> N
         assert ranges == [(0, 26), (26, 53)]  # what DALI's reader gave here (REFERENCE.md)
 
 
+def test_ranks_on_this_node_follow_the_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    assert ranks_on_this_node(8) == 8  # no launcher says: every rank is here
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "4")  # srun, one rank per task, 2 nodes
+    assert ranks_on_this_node(8) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun or train.main's own workers say it exactly
+    assert ranks_on_this_node(8) == 2
+    cores = len(os.sched_getaffinity(0))
+    assert DataSpec.from_cfg({"root": "x"}).threads_per_rank(8) == max(1, cores // 2)
+    assert DataSpec.from_cfg({"root": "x", "threads": 3}).threads_per_rank(8) == 3
+
+
 def _plan(mode: str, count: int, rank: int, world: int, batch: int) -> SplitPlan:
     return SplitPlan("x", mode, (), (count,), count, rank, world, batch, 80)
 
@@ -93,6 +108,15 @@ def test_evaluation_counts_every_sample_once() -> None:
         [4, 4, 4, 1, 0],
         [4, 4, 4, 2, 0],
     ]
+
+
+def test_meta_without_image_size_is_one_readable_line(tmp_path) -> None:
+    (tmp_path / "val").mkdir()
+    for name in ("val-000000.tar", "val-000000.idx"):
+        (tmp_path / "val" / name).touch()
+    meta = {"splits": {"val": {"count": 1, "shards": [{"name": "val-000000.tar", "count": 1}]}}, "settings": {}}
+    with pytest.raises(DatasetError, match="meta.json has no settings.image_size: rebuild the shards"):
+        plan_split(DataSpec.from_cfg({"root": str(tmp_path), "batch_size": 1}), meta, "val", "center", 0, 1)
 
 
 def test_bad_config_is_one_readable_line() -> None:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from pipeline.config import ranks_on_this_node
 from preprocess.cli import EXIT_BAD_INPUT
 
 
@@ -75,8 +76,8 @@ def is_torchrun() -> bool:
 
 
 def local_world_size() -> int:
-    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE, or the spawned world size)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    """Ranks on this node (``pipeline.config.ranks_on_this_node``, out of the job's WORLD_SIZE)."""
+    return ranks_on_this_node(int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def worker_device(backend: str) -> torch.device:
