@@ -43,10 +43,12 @@ def data_cfg(root: Path, **overrides) -> dict:
 
 
 def dali_loader(cfg: dict, split: str, mode: str, arithmetic: str, debug: bool = False) -> Loader:
-    """The CPU path (``pipeline.crops``), or the GPU path's arithmetic (``crop_mirror_normalize`` in the graph,
-    then ``MeanImage``) run with CPU operators."""
+    """The CPU path (``pipeline.crops``), the GPU path's arithmetic (``crop_mirror_normalize`` in the graph,
+    then ``MeanImage``) run with CPU operators, or the GPU path itself (mixed decoding, GPU operators)."""
     if arithmetic == "cpu":
         return build_loader(cfg, split, mode, debug=debug)
+    if arithmetic == "gpu":
+        return build_loader(cfg, split, mode, debug=debug, device="cuda:0")
     spec = DataSpec.from_cfg(cfg)
     meta, stats = load_dataset(spec)
     plan = plan_split(spec, meta, split, mode, 0, 1)
@@ -57,7 +59,19 @@ def dali_loader(cfg: dict, split: str, mode: str, arithmetic: str, debug: bool =
     return Loader(backend, plan, meta, norm, torch.device("cpu"), torch.float32)
 
 
-ARITHMETIC = ["cpu", "graph"]
+NEEDS_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: nvJPEG decoding, GPU operators")
+ARITHMETIC = ["cpu", "graph", pytest.param("gpu", marks=NEEDS_GPU)]
+
+
+def assert_image(actual: torch.Tensor, expected: np.ndarray, arithmetic: str, std: np.ndarray | None = None) -> None:
+    """``actual`` is ``expected`` up to float32 rounding; from the GPU path up to decoding: nvJPEG's inverse DCT
+    is not libjpeg-turbo's (``stored_images``), so pixels may differ by a few levels, rarely and without bias."""
+    actual = actual.float().cpu().numpy()
+    if arithmetic != "gpu":
+        np.testing.assert_allclose(actual, expected, atol=2e-3)
+        return
+    levels = np.abs(actual - expected) * (1.0 if std is None else std[:, None, None])  # on the 0-255 scale
+    assert levels.mean() < 0.5 and levels.max() < 8
 
 
 @pytest.mark.parametrize(
@@ -84,7 +98,7 @@ def test_train_output_is_the_formula_for_its_draws(shard_root: Path, overrides: 
             x, y, flip = int(batch["crop_x"][i]), int(batch["crop_y"][i]), bool(batch["flip"][i])
             assert 0 <= x <= 80 - CROP and 0 <= y <= 80 - CROP
             expected = augment_numpy(stored[key], x, y, CROP, flip, expected_offset[i], mean, std)
-            np.testing.assert_allclose(batch["images"][i].numpy(), expected, atol=2e-3)
+            assert_image(batch["images"][i], expected, arithmetic, std)
             checked += 1
         if checked >= 48:
             break
@@ -130,10 +144,10 @@ def test_center_and_tencrop_positions_are_exact(shard_root: Path, mean_mode: str
     for i, key in enumerate(center["keys"]):
         mid = center_offset(80, CROP)
         expected = augment_numpy(stored[key], mid, mid, CROP, False, np.zeros(3), mean, None)
-        np.testing.assert_allclose(center["images"][i].numpy(), expected, atol=2e-3)
+        assert_image(center["images"][i], expected, arithmetic)
         for j, (x, y, flip) in enumerate(patches):
             expected = augment_numpy(stored[key], x, y, CROP, flip, np.zeros(3), mean, None)
-            np.testing.assert_allclose(tencrop[i, j].numpy(), expected, atol=2e-3)
+            assert_image(tencrop[i, j], expected, arithmetic)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +202,7 @@ def test_gpu_graph_is_defined_without_a_gpu(shard_root: Path, mode: str) -> None
     assert pipe is not None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: mixed (nvJPEG) decoding and GPU operators")
+@NEEDS_GPU
 @pytest.mark.parametrize("mode", ["center", "tencrop"])
 def test_gpu_path_gives_the_cpu_paths_images(shard_root: Path, mode: str) -> None:
     """The same images from the GPU graph as from the CPU path, up to decoding: nvJPEG's inverse DCT is not
