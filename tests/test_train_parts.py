@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from preprocess.cli import one_line
 from train.checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint, save_checkpoint
@@ -46,6 +47,13 @@ def rank_one_stops(rank: int, world_size: int) -> None:
     if rank == 1:
         raise StopRun("data.root=/nowhere does not exist", 2)
     dist.barrier()  # rank 0 waits for a partner that is gone
+
+
+def killed_by_sigterm_after_a_progress_bar(rank: int, world_size: int) -> None:
+    """As an evaluation rank when the parent forwards a Ctrl-C: no SIGTERM handler, so the signal kills it."""
+    tqdm(total=1, disable=rank != 0).close()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
 
 
 def finishes_despite_a_ctrl_c(rank: int, world_size: int, parent: int) -> str:
@@ -99,6 +107,20 @@ def test_a_ctrl_c_the_workers_outlived_ends_the_command() -> None:
     """A sweep must not start its next job after a Ctrl-C, even when the workers finished instead of stopping."""
     with pytest.raises(KeyboardInterrupt):
         launch(finishes_despite_a_ctrl_c, 2, os.getpid(), grace_s=2.0, timeout_s=60)
+
+
+def test_a_rank_killed_by_sigterm_leaves_no_semaphore_behind() -> None:
+    """tqdm's default lock is a semaphore that a killed rank cannot release: Python's resource tracker then warned
+    'There appear to be 2 leaked semaphore objects' after a Ctrl-C of a two-rank evaluation."""
+    script = (
+        "from test_train_parts import killed_by_sigterm_after_a_progress_bar as worker\n"
+        "from train.distributed import StopRun, launch\n"
+        "try:\n    launch(worker, 2, timeout_s=60)\nexcept StopRun as stop:\n    print(stop)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert "killed by SIGTERM" in done.stdout, done.stdout + done.stderr
+    assert "leaked semaphore" not in done.stderr
 
 
 def test_stop_run_reaches_the_parent_with_its_message_and_code() -> None:

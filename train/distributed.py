@@ -34,6 +34,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,6 +42,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from pipeline.config import ranks_on_this_node
 from preprocess.cli import EXIT_BAD_INPUT
@@ -168,6 +170,9 @@ def _run_rank(worker: Callable[..., Any], args: tuple, backend: str, timeout_s: 
 def _child(worker, rank, world_size, port, backend, timeout_s, results, args) -> None:
     """Entry point of a spawned rank: reports ("ok", rank, value) or ("stop", rank, message, code)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into SIGTERM for us
+    # tqdm's default lock is a multiprocessing semaphore, which a rank killed by that SIGTERM (evaluation) leaves
+    # for Python's resource tracker to warn about; only rank 0 draws bars, so a thread lock is enough
+    tqdm.set_lock(threading.RLock())
     try:
         with _rank_env(rank, world_size, port):
             value = _run_rank(worker, args, backend, timeout_s)
