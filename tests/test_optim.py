@@ -96,3 +96,10 @@ def test_unknown_optimizer_is_a_one_line_error() -> None:
     cfg = {"name": "adam", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0}
     with pytest.raises(ValueError, match="optim.name='adam'"):
         build_optimizer(torch.nn.Linear(2, 2), cfg, batch_size=128)
+
+
+@pytest.mark.parametrize("momentum", [1.0, -0.1])
+def test_momentum_outside_zero_to_one_is_a_one_line_error(momentum: float) -> None:
+    cfg = {"name": "paper_sgd", "lr": 0.01, "momentum": momentum, "weight_decay": 0.0}
+    with pytest.raises(ValueError, match=f"optim.momentum={momentum!r} must be a number"):
+        build_optimizer(torch.nn.Linear(2, 2), cfg, batch_size=128)

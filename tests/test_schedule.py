@@ -118,3 +118,5 @@ def test_bad_schedule_configs_are_one_line_errors() -> None:
         build_schedule(optimizer(), {"name": "linear"}, steps_per_epoch=5, max_epochs=9)
     with pytest.raises(ValueError, match="unknown keys \\['patients'\\]"):
         build_schedule(optimizer(), {"name": "plateau", "patients": 3}, steps_per_epoch=5, max_epochs=9)
+    with pytest.raises(ValueError, match="schedule.step_epochs=\\[\\] never lowers the lr"):
+        build_schedule(optimizer(), {"name": "step", "step_epochs": []}, steps_per_epoch=5, max_epochs=9)

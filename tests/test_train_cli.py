@@ -140,12 +140,12 @@ def test_two_rank_training_writes_every_output(reference_run: Path, shard_root: 
 
 
 def interrupt_after_first_log_line(
-    argv: list[str], cwd: Path, run_dir: Path, signum: int, group: bool = False
+    argv: list[str], cwd: Path, run_dir: Path, signum: int, group: bool = False, env: dict | None = None
 ) -> tuple[int, str, str]:
     """Start a train.main command, send ``signum`` once its first metrics line is written (mid-epoch):
     (status, out, err). ``group``: to every process of the command, as a terminal's Ctrl-C."""
     process = subprocess.Popen(
-        argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group
+        argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=group, env=env
     )
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -159,12 +159,37 @@ def interrupt_after_first_log_line(
     return process.returncode, stdout, stderr
 
 
+SLOW_MID_EPOCH_SAVE = """
+import time
+import train.checkpoint
+
+save = train.checkpoint.save_checkpoint
+
+
+def slow_save(path, checkpoint):  # a slow disk: longer than the launcher's grace for ranks still running
+    if checkpoint["step_in_epoch"]:
+        time.sleep(12)
+    save(path, checkpoint)
+
+
+train.checkpoint.save_checkpoint = slow_save
+"""
+
+
 def test_sigterm_saves_and_resume_ends_with_the_same_weights(reference_run: Path, shard_root: Path, tmp_path: Path):
     run_dir = tmp_path / "run"
     overrides = two_rank_overrides(shard_root, run_dir)
-    returncode, _, stderr = interrupt_after_first_log_line(command(*overrides), tmp_path, run_dir, signal.SIGTERM)
+    # every process of the interrupted run, the spawned ranks included, loads this sitecustomize first
+    (tmp_path / "slow_disk").mkdir()
+    (tmp_path / "slow_disk" / "sitecustomize.py").write_text(SLOW_MID_EPOCH_SAVE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "slow_disk"), *sys.path])}
+    returncode, _, stderr = interrupt_after_first_log_line(
+        command(*overrides, "trainer.resume=never"), tmp_path, run_dir, signal.SIGTERM, env=env
+    )
     assert returncode == 128 + signal.SIGTERM, stderr
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    # that command would start afresh if run again: the message names the setting that resumes instead
+    assert f"run the command with trainer.resume={run_dir / 'checkpoints' / 'last.pt'} to resume" in stderr, stderr
     interrupted = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert interrupted["step"] < 20 and interrupted["step_in_epoch"] > 0  # stopped mid-epoch, at a step boundary
 
@@ -212,6 +237,40 @@ def test_submitits_preemption_signal_saves_before_its_requeue_handler_runs(shard
     assert "requeued; checkpoint on disk: True" in stdout, stdout
     interrupted = load_checkpoint(checkpoint)
     assert interrupted["step"] < 20 and interrupted["step_in_epoch"] > 0
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's new parent may be slow to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_ranks_whose_launcher_is_killed_save_and_stop(shard_root: Path, tmp_path: Path) -> None:
+    """SIGKILL (or the OOM killer) of the launching process: its ranks must not train on unwatched."""
+    run_dir = tmp_path / "run"
+    longer = [o.replace("max_epochs=2", "max_epochs=6") for o in two_rank_overrides(shard_root, run_dir)]
+    launcher = subprocess.Popen(
+        command(*longer),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    children = [int(pid) for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()]
+    assert len(children) >= 2  # the two ranks (and multiprocessing's resource tracker)
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 60
+    while any(map(running, children)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(running, children))
+    interrupted = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert interrupted["step"] < 60  # they saved at their next log point (or the epoch's end) and stopped
 
 
 def test_ctrl_c_with_one_device_saves_and_the_same_command_resumes(shard_root: Path, tmp_path: Path) -> None:
@@ -301,6 +360,7 @@ def test_sweep_runs_each_job_with_its_own_summary(shard_root: Path, tmp_path: Pa
         "trainer.max_epochs=1",
         "trainer.tencrop=false",
         "optim.lr=0.01,0.005",
+        "trainer.devices=1",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
     assert result.returncode == 0, result.stderr
@@ -308,9 +368,10 @@ def test_sweep_runs_each_job_with_its_own_summary(shard_root: Path, tmp_path: Pa
         d.name: json.loads((d / "summary.json").read_text()) for d in (tmp_path / "sweep").iterdir() if d.is_dir()
     }
     # one dir per override set, named by the overrides (so a re-run resumes each job); where the data is and
-    # whether the bar shows change nothing in the result and are left out of the name
+    # whether the bar shows change nothing in the result and are left out of the name; the rank count stays in
     assert len(summaries) == 2 and all(s["epochs"] == 1 for s in summaries.values())
     assert all("data.root" not in name and "trainer.progress" not in name for name in summaries)
+    assert all("trainer.devices=1" in name for name in summaries)
     lrs = {
         next(part for part in name.split(",") if part.startswith("optim.lr=")): records(
             tmp_path / "sweep" / name, "step"

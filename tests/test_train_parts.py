@@ -16,7 +16,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from preprocess.cli import one_line
-from train.checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint, save_checkpoint
+from train.checkpoint import REQUIRED_KEYS, CheckpointError, load_checkpoint, resume_conflicts, save_checkpoint
 from train.distributed import StopRun, cuda_index, launch
 from train.runlog import format_epoch_line, truncate_after
 
@@ -144,6 +144,9 @@ def test_checkpoint_round_trip_is_atomic(tmp_path) -> None:
     save_checkpoint(path, full_state())
     save_checkpoint(path, full_state())  # replacing an existing file
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left behind
+    with pytest.raises(AttributeError):  # a write that fails midway (here: an object pickle refuses)
+        save_checkpoint(path, {**full_state(), "hook": lambda: None})
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # still only the previous, whole file
     loaded = load_checkpoint(path)
     assert torch.equal(loaded["model"]["w"], torch.arange(6.0).reshape(2, 3))
     assert (loaded["epoch"], loaded["step"]) == (3, 42)
@@ -167,6 +170,26 @@ def test_unusable_checkpoints_give_one_line(tmp_path, damage: str) -> None:
         assert "trainer.resume" not in message and "checkpoints/best.pt" in message
         with pytest.raises(CheckpointError, match="delete it to start afresh|delete it"):
             load_checkpoint(path, resuming=True)
+
+
+def run_config(schedule: str = "plateau", max_epochs: int = 90, seed: int = 0, root: str = "/a") -> dict:
+    return {
+        "data": {"root": root, "batch_size": 128},
+        "optim": {"lr": 0.01},
+        "schedule": {"name": schedule},
+        "model": {"width": 1.0},
+        "trainer": {"max_epochs": max_epochs, "seed": seed, "devices": 2, "log_every": 50},
+    }
+
+
+def test_resume_conflicts_are_the_settings_that_change_a_run_in_progress() -> None:
+    assert resume_conflicts(run_config(), run_config(max_epochs=120, root="/moved")) == []  # train on, moved data
+    assert resume_conflicts(run_config(), run_config(seed=1)) == ["trainer.seed=0 -> 1"]
+    # a cosine curve spans max_epochs: lengthening it mid-run would send the lr back up
+    assert resume_conflicts(run_config("cosine"), run_config("cosine", max_epochs=120)) == [
+        "trainer.max_epochs=90 -> 120"
+    ]
+    assert resume_conflicts(run_config(), run_config("cosine")) == ["schedule.name='plateau' -> 'cosine'"]
 
 
 def test_a_run_folder_as_checkpoint_names_the_file_in_it(tmp_path) -> None:

@@ -37,7 +37,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is one line naming the file and the fix."""
 
 
-RUN_SECTIONS = ("model", "optim", "schedule", "data")  # the settings that make a run what it is
+RUN_SECTIONS = ("model", "optim", "schedule", "data")  # the settings that make a run what it is (and trainer.seed)
 FREE_KEYS = ("data.root", "data.threads", "data.prefetch")  # where the data lies and how fast it is read
 
 
@@ -48,18 +48,23 @@ def _flatten(config: Any, prefix: str) -> dict[str, Any]:
 
 
 def _run_settings(config: dict[str, Any]) -> dict[str, Any]:
-    return {
+    settings = {
         key: value
         for section in RUN_SECTIONS
         for key, value in _flatten(config.get(section, {}), section).items()
         if key not in FREE_KEYS
     }
+    settings["trainer.seed"] = config.get("trainer", {}).get("seed")  # the data order the loader states continue
+    return settings
 
 
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``key=old -> new`` for every setting in which ``current`` differs from the checkpointed run's ``saved``
     config: resuming would silently continue that run (its optimizer state, learning rate and data order)."""
     old, new = _run_settings(saved), _run_settings(current)
+    if old.get("schedule.name") == new.get("schedule.name") == "cosine":  # its curve spans max_epochs: more raises lr
+        for settings, config in ((old, saved), (new, current)):
+            settings["trainer.max_epochs"] = config["trainer"]["max_epochs"]
     return [
         f"{key}={old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())
@@ -72,19 +77,25 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:  # a full disk or a Ctrl-C mid-write leaves neither a torn file nor its temporary
+        tmp.unlink(missing_ok=True)
 
 
 def copy_checkpoint(src: str | Path, dst: str | Path) -> None:
     """Copy a checkpoint file under a temporary name, then rename (``best.pt`` from ``last.pt``)."""
     dst = Path(dst)
     tmp = temporary_path(dst)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path, resuming: bool = False) -> dict[str, Any]:

@@ -15,7 +15,8 @@ time limit: SIGUSR2 is submitit's, SIGUSR1 older submitit's; see ``FORWARDED_SIG
 Ctrl-C is forwarded as SIGTERM (a second Ctrl-C kills them; the workers' stop for that SIGTERM is reported as
 the Ctrl-C, status 130); when one child fails, the others get ``grace_s`` seconds (a gloo peer that lost its
 partner fails at once; one stuck elsewhere does not) and are then killed, so a dead worker never leaves the rest
-hanging. Process groups are created with a ``timeout_s`` collective timeout.
+hanging; when the parent itself is killed (SIGKILL), its children stop as for a SIGTERM. Process groups are
+created with a ``timeout_s`` collective timeout.
 
 A worker ends a run with a one-line message and an exit status by raising ``StopRun``: the launcher carries it
 from whichever rank raised it (rank 0's first) to the parent and re-raises it there, without a traceback. A
@@ -173,6 +174,7 @@ def _child(worker, rank, world_size, port, backend, timeout_s, results, args) ->
     # tqdm's default lock is a multiprocessing semaphore, which a rank killed by that SIGTERM (evaluation) leaves
     # for Python's resource tracker to warn about; only rank 0 draws bars, so a thread lock is enough
     tqdm.set_lock(threading.RLock())
+    threading.Thread(target=_stop_when_orphaned, args=(mp.parent_process().pid,), daemon=True).start()
     try:
         with _rank_env(rank, world_size, port):
             value = _run_rank(worker, args, backend, timeout_s)
@@ -180,6 +182,14 @@ def _child(worker, rank, world_size, port, backend, timeout_s, results, args) ->
         results.put(("stop", rank, str(stop), stop.exit_code))
         sys.exit(stop.exit_code)
     results.put(("ok", rank, value if rank == 0 else None))
+
+
+def _stop_when_orphaned(parent: int, poll_s: float = 0.5) -> None:
+    """A rank whose launcher was killed (SIGKILL, the OOM killer) would train on unwatched, holding its GPU: it
+    sends itself the SIGTERM the launcher would have forwarded (the trainer saves a checkpoint and stops)."""
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 @contextmanager

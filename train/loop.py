@@ -378,10 +378,12 @@ class Trainer:
             return
         if self.step_in_epoch:  # mid-epoch; at an epoch end the checkpoint was just written
             self.save(best=False)
+            dist.barrier()  # rank 0 is writing: once a rank exits, the launcher kills those still running soon after
         where = self.run_dir / CHECKPOINT_DIR / "last.pt"
+        again = "the same command again" if self.tc.resume == "auto" else f"the command with trainer.resume={where}"
         raise StopRun(
             f"stopped by {signal.Signals(signum).name} at epoch {self.epoch + (1 if self.step_in_epoch else 0)}, "
-            f"step {self.step}: checkpoint {where} saved; run the same command again to resume",
+            f"step {self.step}: checkpoint {where} saved; run {again} to resume",
             128 + signum,
         )
 

@@ -7,7 +7,7 @@ spawned children), checks it, then starts ``trainer.devices`` workers (or uses t
 Run dirs are deterministic, so re-running a command finds its own ``checkpoints/last.pt`` and resumes
 (``trainer.resume=auto``): ``outputs/<name>/<overrides>`` for a run, ``multirun/<name>/<overrides>`` for each
 sweep job, where ``<overrides>`` is Hydra's ``override_dirname`` without keys that do not change the result
-(data.root, trainer.devices, trainer.resume, ...; see conf/config.yaml), or ``default`` when none is left.
+(data.root, trainer.resume, ...; see conf/config.yaml), or ``default`` when none is left.
 
 Exit status: 0 done; 2 bad input (one line on stderr: missing data, bad stats, unknown key, bad checkpoint);
 1 training diverged (NaN/inf loss; the last good checkpoint is kept) or a worker crashed;

@@ -61,7 +61,7 @@ def check_optim(optim_cfg: Mapping) -> dict[str, Any]:
     checks = {
         "name": partial(as_choice, choices=OPTIMIZERS),
         "lr": partial(as_float, low=0, low_open=True),
-        "momentum": partial(as_float, low=0, high=1),
+        "momentum": partial(as_float, low=0, high=1, high_open=True),  # 1: the velocity never decays
         "weight_decay": partial(as_float, low=0),
         "scale_lr_with_batch": as_bool,
     }

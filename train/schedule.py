@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from preprocess.config_values import as_choice, as_float, as_group, as_int
+from preprocess.config_values import ConfigValueError, as_choice, as_float, as_group, as_int
 
 SCHEDULES = ("plateau", "step", "cosine")
 
@@ -141,6 +141,8 @@ class Schedule:
 def _step_epochs(key: str, value: Any) -> int | list[int]:
     """Every ``step_epochs`` epochs (an int >= 1), or a list of milestone epochs (each >= 1)."""
     if isinstance(value, Sequence) and not isinstance(value, str):
+        if not value:
+            raise ConfigValueError(f"{key}=[] never lowers the lr: give milestone epochs, e.g. {key}=[30,60,80]")
         return [as_int(f"{key}[{i}]", milestone, low=1) for i, milestone in enumerate(value)]
     return as_int(key, value, low=1)
 
@@ -161,7 +163,8 @@ def check_schedule(schedule_cfg: Mapping) -> dict[str, Any]:
     """The ``schedule`` group with every key converted and checked: ``name`` plus that schedule's options.
 
     Pure (no optimizer needed), so a command can run it before starting any worker; a bad key or value is a
-    one-line ``ConfigValueError`` naming it.
+    one-line ``ConfigValueError`` naming it. Options another schedule reads are accepted: an experiment that sets
+    the paper's plateau options still composes with ``schedule=cosine``.
     """
     return as_group("schedule", {"name": None, **schedule_cfg}, CHECKS)
 
