@@ -231,7 +231,7 @@ def _use_gpu(spec: DataSpec, device: torch.device) -> bool:
         )
     if spec.device == "gpu" and device.type != "cuda":
         raise DatasetError(
-            f"data.device=gpu needs the trainer on a CUDA device, it is on {device}: use data.device=auto|cpu"
+            f"data.device=gpu needs a CUDA device, and this process runs on {device}: use data.device=auto|cpu"
         )
     return spec.loader == "dali" and device.type == "cuda" and spec.device in ("auto", "gpu")
 

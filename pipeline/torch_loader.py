@@ -9,9 +9,10 @@ from DALI's (another RNG), so the two agree in distribution, and pixel for pixel
 Every random choice is a pure function of (seed, epoch, rank, position), so resuming needs only the epoch
 and the batch index: the skipped batches are streamed past without being decoded.
 
-DataLoader worker ``w`` of ``n`` streams the rank's part and builds the batches ``i`` with ``i % n == w``;
-the DataLoader returns them round-robin, i.e. in order. Each worker reads the rank's bytes (cheap, page
-cache) but decodes only its own batches.
+DataLoader worker ``w`` of ``n`` streams the rank's part and builds the batches ``i`` with
+``(i - start) % n == w`` (``start``: the first batch of a resumed epoch); the DataLoader returns them
+round-robin, i.e. in order. Each worker reads the rank's bytes (cheap, page cache) but decodes only its own
+batches.
 """
 
 from __future__ import annotations

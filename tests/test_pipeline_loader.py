@@ -205,7 +205,7 @@ def test_preview_reports_a_bad_root_in_one_line(tmp_path: Path) -> None:
 
 
 def test_gpu_request_without_a_gpu_is_one_line(shard_root: Path) -> None:
-    with pytest.raises(DatasetError, match=r"data.device=gpu needs the trainer on a CUDA device, it is on cpu"):
+    with pytest.raises(DatasetError, match=r"data.device=gpu needs a CUDA device, and this process runs on cpu"):
         build_loader(data_cfg(shard_root, "dali", device="gpu"), "train", "train", device="cpu")
     with pytest.raises(DatasetError, match=r"data.device=gpu .* only data.loader=dali does"):
         build_loader(data_cfg(shard_root, "torch", device="gpu"), "train", "train", device="cpu")
