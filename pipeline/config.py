@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.lighting import LIGHTING_SCALES, MEAN_MODES, channel_std, lighting_matrix
 from preprocess.config_values import ConfigValueError, as_bool, as_choice, as_float, as_int, as_optional_int
-from preprocess.shard_format import META_FILE, DatasetError, PixelStats, read_meta, shard_paths
+from preprocess.shard_format import META_FILE, DatasetError, PixelStats, check_meta, read_meta, shard_paths
 
 MODES = ("train", "center", "tencrop")
 LOADERS = ("dali", "torch")
@@ -173,12 +173,8 @@ def plan_split(spec: DataSpec, meta: dict, split: str, mode: str, rank: int, wor
         raise DatasetError(
             f"data.batch_size={spec.batch_size} does not divide by world_size={world_size}: use a multiple"
         )
+    image_size = check_meta(meta, Path(spec.root) / META_FILE)["settings"]["image_size"]
     paths = tuple(shard_paths(spec.root, split, meta))
-    image_size = meta.get("settings", {}).get("image_size")
-    if not isinstance(image_size, int):
-        raise DatasetError(
-            f"{Path(spec.root) / META_FILE} has no settings.image_size: rebuild the shards with preprocess.build_shards"
-        )
     if not spec.crop_size <= image_size:
         raise DatasetError(
             f"data.crop_size={spec.crop_size} does not fit the {image_size}px images of {spec.root}: "

@@ -334,9 +334,10 @@ def merge_parts(out: Path, dataset: Dataset, tasks: Sequence[ShardTask], setting
             splits[task.split]["shards"].append(info)
             splits[task.split]["count"] += info["count"]
     write_text_atomic(out / REJECTED_FILE, "".join(json.dumps(entry) + "\n" for entry in rejected))
+    for split, found in splits.items():
+        if not found["count"]:  # a dataset without it would pass for complete
+            raise DatasetError(f"no {split} image could be used: see why in {out / REJECTED_FILE}")
     if "train" in splits:
-        if stats.images == 0:
-            raise DatasetError(f"no training image could be used (see {out / REJECTED_FILE})")
         stats.finalize().save(out)
     meta = {
         "classes": [{"index": i, "wnid": wnid, "name": name} for i, (wnid, name) in enumerate(dataset.classes)],
@@ -390,7 +391,7 @@ def build_shards(
 ) -> dict:
     """Write the shards of ``src`` into ``out`` (see the module docstring); returns a summary dict
     (``summary_line`` formats it; the command line prints it)."""
-    if src is None or out is None:
+    if not src or not out:  # None, or an empty src= / out= (which would mean the current folder)
         raise DatasetError("both src= (the ImageNet download) and out= (a new folder for the shards) are required")
     image_size = as_int("image_size", image_size, low=1)
     quality = as_int("quality", quality, 1, 100)

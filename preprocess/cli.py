@@ -31,18 +31,23 @@ def one_line(err: BaseException) -> str:
 
 
 def quote_paths(argv: Sequence[str], keys: Sequence[str]) -> list[str]:
-    """``checkpoint=outputs/x/optim.lr=0.1,trainer.max_epochs=5/best.pt`` -> the same value in quotes, for each of
-    ``keys``: Hydra's override grammar reads an unquoted comma as a sweep and stops at ``=``, brackets or spaces,
-    and train.main's own run folders (``<key>=<value>,<key>=<value>``) contain commas and ``=``."""
+    """The values of ``keys`` quoted for Hydra, so that a path arrives as typed: Hydra's override grammar would read
+    ``out=256`` as a number, ``out=true`` as a boolean, an unquoted comma as a sweep, and stops at ``=``, brackets
+    or spaces (train.main's own run folders, ``<key>=<value>,<key>=<value>``, have commas and ``=``); ``${`` would
+    start an interpolation. A value already in Hydra's syntax (quoted, a list, ``choice(...)``) is left alone."""
     quoted = []
     for arg in argv:
         key, _, value = arg.partition("=")
-        special = any(char in value for char in ",=[]{}() \t")
-        grammar = value[:1] in "'\"[" or HYDRA_FUNCTION.match(value)  # quoted, a list, or choice(...), glob(...)
-        if key in keys and special and not grammar and "'" not in value:
-            arg = f"{key}='{value}'"
-        quoted.append(arg)
+        grammar = value.startswith(("'", '"', "[")) or HYDRA_FUNCTION.match(value)
+        quoted.append(f"{key}={hydra_quoted(value)}" if key in keys and not grammar else arg)
     return quoted
+
+
+def hydra_quoted(text: str) -> str:
+    """``text`` as a single-quoted Hydra string with the same value: quotes and ``${`` escaped, and the backslashes
+    before them (or at the end) doubled, as Hydra's grammar reads an escaped backslash there."""
+    text = re.sub(r"(\\+)(?='|\$\{|$)", r"\1\1", text)
+    return "'" + text.replace("'", "\\'").replace("${", "\\${") + "'"
 
 
 def unknown_key_line(key: str) -> str:

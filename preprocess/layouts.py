@@ -143,27 +143,44 @@ def _open_tar(path: Path) -> tarfile.TarFile:
         raise DatasetError(f"{path} is not an uncompressed tar ({err}): use the original ILSVRC-2012 file") from None
 
 
-def _open_inner_tar(outer: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> tarfile.TarFile:
-    try:
-        return tarfile.open(fileobj=outer.extractfile(member), mode="r:")
-    except tarfile.ReadError:
+def _tar_files(tar: tarfile.TarFile, where: Path | str) -> Iterator[tarfile.TarInfo]:
+    """The file members of ``tar``, then a check that it ends with the end-of-archive block: tarfile stops without
+    a word where a download was cut off between two members, or at a damaged header."""
+    yield from (member for member in tar if member.isfile())
+    tar.fileobj.seek(tar.offset)
+    if tar.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
         raise DatasetError(
-            f"{path} holds {member.name}, not a readable per-class tar: is it the whole ILSVRC2012_img_train.tar?"
-        ) from None
+            f"{where} is damaged or truncated (no end-of-archive block after its {len(tar.members)} members): "
+            "download it again"
+        )
 
 
-def _tar_files(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    return (member for member in tar if member.isfile())
+def _not_a_class_tar(outer: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+    """Why ``member`` of the train tar is no per-class tar (a stray file, an empty tar), or ``""``."""
+    if not member.name.endswith(".tar"):
+        return "not named <wnid>.tar"
+    try:
+        with tarfile.open(fileobj=outer.extractfile(member), mode="r:"):
+            return ""
+    except tarfile.ReadError as err:
+        return str(err)
 
 
-def _train_tar(path: Path) -> Iterator[Record]:
-    """Records of a tar of per-class tars, with absolute offsets into the outer tar: nothing is extracted."""
+def _train_tar(path: Path, unusable: list[dict]) -> Iterator[Record]:
+    """Records of a tar of per-class tars, with absolute offsets into the outer tar: nothing is extracted. A member
+    that is no readable ``<wnid>.tar`` (a stray file, an empty tar: its class keeps its index) is listed as
+    unusable."""
     tar_path = str(path)  # one string shared by all 1.3M records
     with _reading(path, "download it again"), _open_tar(path) as outer:
-        for member in _tar_files(outer):
+        for member in _tar_files(outer, path):
+            problem = _not_a_class_tar(outer, member)
+            if problem:
+                reason = f"not a readable per-class tar ({problem}): {TRAIN_TAR} holds one <wnid>.tar per class"
+                unusable.append({"path": f"{path}/{member.name}", "reason": reason})
+                continue
             wnid = sample_key(member.name)
-            with _open_inner_tar(outer, member, path) as inner:
-                for image in _tar_files(inner):
+            with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
+                for image in _tar_files(inner, f"{path}/{member.name}"):
                     origin = f"{path}/{member.name}/{image.name}"
                     offset = member.offset_data + image.offset_data
                     yield Record(sample_key(image.name), wnid, tar_path, offset, image.size, origin)
@@ -171,12 +188,12 @@ def _train_tar(path: Path) -> Iterator[Record]:
 
 def _train_tar_wnids(path: Path) -> list[str]:
     with _reading(path, "download it again"), _open_tar(path) as outer:
-        return sorted({sample_key(member.name) for member in _tar_files(outer)})
+        return sorted({sample_key(member.name) for member in _tar_files(outer, path) if member.name.endswith(".tar")})
 
 
 def _flat_tar(path: Path, labels: dict[str, str]) -> Iterator[Record]:
     with _reading(path, "download it again"), _open_tar(path) as tar:
-        for member in _tar_files(tar):
+        for member in _tar_files(tar, path):
             key = sample_key(member.name)
             yield Record(key, labels.get(key, ""), str(path), member.offset_data, member.size, f"{path}/{member.name}")
 
@@ -200,7 +217,7 @@ def _devkit_files(src: Path) -> tuple[bytes, str] | None:
             return (folder / META_MAT).read_bytes(), ground_truth.read_text() if ground_truth.is_file() else ""
     if archive.is_file():
         with _reading(archive, "download the devkit again"), tarfile.open(archive, "r:*") as tar:
-            files = {member.name: member for member in _tar_files(tar)}
+            files = {member.name: member for member in _tar_files(tar, archive)}
 
             def read(name: str) -> bytes:
                 member = files.get(f"{DEVKIT}/{name}")
@@ -216,15 +233,21 @@ def _devkit_files(src: Path) -> tuple[bytes, str] | None:
 def read_devkit_synsets(meta_mat: bytes) -> tuple[dict[int, str], dict[str, str]]:
     """meta.mat -> ({ILSVRC2012_ID: wnid}, {wnid: words}) of the leaf classes (num_children == 0)."""
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
-    with _reading(Path(DEVKIT) / META_MAT, "download the devkit again"):
-        synsets = loadmat(io.BytesIO(meta_mat), squeeze_me=True)["synsets"]
     ids, names = {}, {}
-    for synset in synsets.ravel():
-        if int(synset["num_children"]) == 0:
-            wnid = str(synset["WNID"])
-            ids[int(synset["ILSVRC2012_ID"])] = wnid
-            names[wnid] = str(synset["words"])
+    try:
+        for synset in loadmat(io.BytesIO(meta_mat), squeeze_me=True)["synsets"].ravel():
+            if int(synset["num_children"]) == 0:
+                wnid = str(synset["WNID"])
+                ids[int(synset["ILSVRC2012_ID"])] = wnid
+                names[wnid] = str(synset["words"])
+    except (MatReadError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError, zlib.error) as err:
+        detail = " ".join(str(err).split())
+        raise DatasetError(
+            f"{DEVKIT}/{META_MAT} is damaged or not the ILSVRC-2012 devkit's ({type(err).__name__}: {detail}): "
+            "download the devkit again"
+        ) from None
     return ids, names
 
 
@@ -279,10 +302,12 @@ def _scan_official(src: Path, splits: Iterable[str]) -> Dataset:
     for split in splits:
         if split == "train":
             _require(split, (src / TRAIN_TAR).is_file(), src, TRAIN_TAR)
-            records[split] = list(_train_tar(src / TRAIN_TAR))
+            records[split] = list(_train_tar(src / TRAIN_TAR, unusable))
             continue
-        if devkit is None or not devkit[1]:
+        if devkit is None:
             raise DatasetError(f"validation labels need the devkit: put {DEVKIT}.tar.gz (or the folder) into {src}")
+        if not devkit[1].strip():
+            raise DatasetError(f"the devkit in {src} has no {DEVKIT}/{GROUND_TRUTH}, or it is empty: download it again")
         labels, _ = devkit_val_labels(*devkit)
         if (src / VAL_TAR).is_file():
             records[split] = list(_flat_tar(src / VAL_TAR, labels))
@@ -337,13 +362,25 @@ def _class_prefixed_keys(records: list[Record]) -> list[Record]:
     ]
 
 
+def _is_utf8(text: str) -> bool:
+    """False for a name that came from bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _drop_unusable(dataset: Dataset) -> Dataset:
     """Move records without a known class, or repeating an earlier key of their split, to ``unusable``."""
     known = dataset.class_index
     for split, records in dataset.records.items():
         kept, seen = [], set()
         for record in _class_prefixed_keys(records):
-            if not record.wnid:
+            if not _is_utf8(record.key):
+                reason = "its name is not valid UTF-8 (shard keys and meta.json are): rename the file"
+                dataset.unusable.append({"path": record.where, "reason": reason})
+            elif not record.wnid:
                 dataset.unusable.append({"path": record.where, "reason": f"no {split} label for key {record.key}"})
             elif record.wnid not in known:
                 reason = f"class {record.wnid} is not among the {len(known)} training classes"
@@ -359,6 +396,14 @@ def _drop_unusable(dataset: Dataset) -> Dataset:
     return dataset
 
 
+def _unusable_example(dataset: Dataset) -> str:
+    """`` (N inputs unusable, e.g. PATH: REASON)`` for an error message, or nothing."""
+    if not dataset.unusable:
+        return ""
+    first = dataset.unusable[0]
+    return f" ({len(dataset.unusable)} inputs unusable, e.g. {first['path']}: {first['reason']})"
+
+
 def scan(src: str | Path, splits: Iterable[str] = ("train", "val")) -> Dataset:
     """Detect the layout of ``src`` and list its records per split (sorted by key), classes and unusable inputs."""
     src = Path(src)
@@ -369,15 +414,16 @@ def scan(src: str | Path, splits: Iterable[str] = ("train", "val")) -> Dataset:
     scanner = {"imagefolder": _scan_imagefolder, "official": _scan_official, "kaggle": _scan_kaggle}[detect_layout(src)]
     dataset = scanner(src, splits)
     if not dataset.classes:
-        raise DatasetError(f"src {src} has no class folders or labels: {EXPECTED}")
+        raise DatasetError(f"src {src} has no class folders or labels{_unusable_example(dataset)}: {EXPECTED}")
+    for wnid, _ in dataset.classes:
+        if not _is_utf8(wnid):
+            raise DatasetError(f"class {wnid!r} of {src} is not a valid UTF-8 name (meta.json records it): rename it")
     dataset = _drop_unusable(dataset)
     dataset.records = {split: sorted(records, key=lambda r: r.key) for split, records in dataset.records.items()}
     for split, records in dataset.records.items():
         if not records:
-            first = dataset.unusable[0] if dataset.unusable else None
-            example = f", e.g. {first['path']}: {first['reason']}" if first else ""
             raise DatasetError(
-                f"src {src} has no usable {split} images ({len(dataset.unusable)} inputs unusable{example}): "
+                f"src {src} has no usable {split} images{_unusable_example(dataset)}: "
                 f"add them or leave {split} out of splits="
             )
     return dataset

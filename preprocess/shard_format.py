@@ -170,9 +170,38 @@ def read_meta(root: str | Path) -> dict:
             "preprocess.build_shards, or finish it by re-running that command"
         )
     try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetError(f"{meta_path} is not valid JSON ({err}); re-run preprocess.build_shards") from None
+    return check_meta(meta, meta_path)
+
+
+def check_meta(meta: object, meta_path: Path) -> dict:
+    """``meta`` if it has what every reader of meta.json indexes (so none meets a KeyError), else a one-line
+    ``DatasetError`` naming what is missing."""
+    problem = _meta_problem(meta)
+    if problem:
+        raise DatasetError(f"{meta_path} is not build_shards' meta.json ({problem}): re-run preprocess.build_shards")
+    return meta
+
+
+def _meta_problem(meta: object) -> str:
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    for key, kind in (("classes", list), ("splits", dict), ("settings", dict)):
+        if not isinstance(meta.get(key), kind):
+            return f"no {key} {'list' if kind is list else 'object'}"
+    if not all(isinstance(c, dict) and {"index", "wnid", "name"} <= set(c) for c in meta["classes"]):
+        return "a class without index, wnid or name"
+    for split, info in meta["splits"].items():
+        if not (isinstance(info, dict) and isinstance(info.get("count"), int) and isinstance(info.get("shards"), list)):
+            return f"splits.{split} without count or shards"
+        for number, shard in enumerate(info["shards"]):
+            if not (isinstance(shard, dict) and {"name", "count", "bytes", "sha256"} <= set(shard)):
+                return f"splits.{split}.shards[{number}] without name, count, bytes or sha256"
+    if not isinstance(meta["settings"].get("image_size"), int):
+        return "no settings.image_size"
+    return ""
 
 
 def dataset_fingerprint(meta: dict) -> str:

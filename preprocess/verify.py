@@ -51,7 +51,7 @@ def _check_index(path: Path, members: Sequence[tarfile.TarInfo], count: int) -> 
     listed = [
         tuple(fields[i : i + 4]) for line in lines[1:] for fields in [line.split()] for i in range(0, len(fields), 4)
     ]
-    actual = [(m.name.split(".", 1)[1], str(m.offset_data), str(m.size), m.name) for m in members]
+    actual = [(m.name.partition(".")[2], str(m.offset_data), str(m.size), m.name) for m in members]
     return [] if listed == actual else [f"{idx}: offsets or sizes differ from the tar's members; rebuild the shard"]
 
 
@@ -178,7 +178,7 @@ def verify(root: str | Path, workers: int = 1, show_progress: bool = False) -> l
 
 @hydra.main(config_path="../conf", config_name="verify", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    if cfg.out is None:
+    if not cfg.out:
         print("error: out= is required: the folder written by preprocess.build_shards", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     try:

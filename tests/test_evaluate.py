@@ -224,7 +224,7 @@ def test_path_values_are_quoted_for_hydra() -> None:
         "x=1,2",  # not a path key: a sweep stays a sweep
         "checkpoint='c,d'",
         "out='runs/lr=0.1/e.json'",
-        "out=plain.json",
+        "out='plain.json'",
         "checkpoint=[a.pt,b.pt]",  # Hydra's own list and sweep syntax is left to Hydra
         "out=choice(a,b)",
     ]

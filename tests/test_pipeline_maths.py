@@ -114,8 +114,9 @@ def test_meta_without_image_size_is_one_readable_line(tmp_path) -> None:
     (tmp_path / "val").mkdir()
     for name in ("val-000000.tar", "val-000000.idx"):
         (tmp_path / "val" / name).touch()
-    meta = {"splits": {"val": {"count": 1, "shards": [{"name": "val-000000.tar", "count": 1}]}}, "settings": {}}
-    with pytest.raises(DatasetError, match="meta.json has no settings.image_size: rebuild the shards"):
+    shard = {"name": "val-000000.tar", "count": 1, "bytes": 0, "sha256": ""}
+    meta = {"classes": [], "splits": {"val": {"count": 1, "shards": [shard]}}, "settings": {}}
+    with pytest.raises(DatasetError, match=r"meta.json is not build_shards' meta.json \(no settings.image_size\)"):
         plan_split(DataSpec.from_cfg({"root": str(tmp_path), "batch_size": 1}), meta, "val", "center", 0, 1)
 
 

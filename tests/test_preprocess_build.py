@@ -199,10 +199,31 @@ def test_one_worker_writes_the_same_bytes_as_two(shard_root, digits_src, tmp_pat
     assert all(np.array_equal(getattr(ours, f), getattr(theirs, f)) for f in PixelStats.FIELDS)
 
 
-def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=120, **kwargs
-    )
+def run_cli(*args: str, cwd: Path = REPO, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+def test_paths_reach_the_commands_as_typed(digits_src, tmp_path):
+    """Hydra would read src=2012 as a number, out=true as a boolean, ``${`` as an interpolation, a quote as its
+    grammar's: the commands take their path values literally."""
+    shutil.copytree(digits_src / "train" / "d0", tmp_path / "2012" / "train" / "d0")
+    shutil.copytree(digits_src / "train" / "d1", tmp_path / "2012" / "train" / "d1")
+    out = "it's ${x} [a,b]\\"
+    done = run_cli(
+        "preprocess.build_shards", "src=2012", f"out={out}", "splits=train", "image_size=32", "show_progress=false",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0 and "dataset complete" in done.stdout, done.stderr
+    assert (tmp_path / out / "meta.json").is_file()
+    checked = run_cli("preprocess.verify", f"out={out}", cwd=tmp_path)
+    assert checked.returncode == 0 and checked.stdout.startswith(f"{out}: OK"), checked.stderr
+    for name in ("256", "true"):
+        missing = run_cli("preprocess.verify", f"out={name}", cwd=tmp_path)
+        assert missing.returncode == 2 and missing.stderr == f"error: data folder {name} does not exist: " + (
+            "pass the out= folder written by preprocess.build_shards\n"
+        )
+    empty = run_cli("preprocess.build_shards", "src=2012", "out=", cwd=tmp_path)  # not the current folder
+    assert empty.returncode == 2 and "both src= (the ImageNet download) and out=" in empty.stderr, empty.stderr
 
 
 def test_killed_run_resumes_to_the_same_output(digits_src, tmp_path):
@@ -387,13 +408,19 @@ def test_bad_options_are_one_line_errors_before_any_work(option, message, digits
     assert not (tmp_path / "out").exists()
 
 
-def test_a_run_without_one_usable_training_image_still_lists_why(tmp_path):
-    (tmp_path / "src" / "train" / "n0").mkdir(parents=True)
-    (tmp_path / "src" / "train" / "n0" / "x.JPEG").write_bytes(b"not a picture")
-    with pytest.raises(DatasetError, match="no training image could be used"):
-        build_shards(tmp_path / "src", tmp_path / "out", splits=["train"], workers=1, show_progress=False)
-    [entry] = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
-    assert entry["path"].endswith("x.JPEG") and "not an image" in entry["reason"]
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_split_without_one_usable_image_is_an_error_that_still_lists_why(split, digits_src, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(digits_src / "train" / "d0", src / "train" / "n0")  # the other split: real images
+    shutil.copytree(digits_src / "val" / "d0", src / "val" / "n0")
+    for path in (src / split / "n0").iterdir():
+        path.write_bytes(b"not a picture")
+    with pytest.raises(DatasetError, match=f"no {split} image could be used: see why in"):
+        build_shards(src, tmp_path / "out", workers=1, show_progress=False)
+    entries = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert len(entries) == len(list((src / split / "n0").iterdir()))
+    assert all(f"/{split}/n0/" in entry["path"] and "not an image" in entry["reason"] for entry in entries)
+    assert not (tmp_path / "out" / "meta.json").exists()  # not a dataset that passes for complete
 
 
 def test_cli_prints_one_line_errors_and_help(tmp_path):
@@ -454,3 +481,27 @@ def test_verify_accepts_good_shards_and_catches_tampering(shard_root, tmp_path):
     result = run_cli("preprocess.verify", f"out={root}")
     assert result.returncode == 1 and "problem" in result.stderr and "Traceback" not in result.stderr
     assert run_cli("preprocess.verify", f"out={shard_root}").returncode == 0
+
+
+def test_verify_reports_a_member_without_extension_and_refuses_a_malformed_meta_json(shard_root, tmp_path):
+    root = shutil.copytree(shard_root, tmp_path / "copy")
+    path = shard_paths(root, "val")[0]
+    with tarfile.open(path, "a") as tar:  # a stray member appended: "README", no dot
+        info = tarfile.TarInfo("README")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    problems = verify(root)
+    assert any(p.endswith(":README: components [''], expected ['cls', 'jpg', 'lbl']") for p in problems), problems
+    assert any(".idx: header" in p for p in problems), problems  # and the index no longer matches
+
+    meta = json.loads((root / "meta.json").read_text())
+    del meta["splits"]["train"]["shards"][1]["sha256"]
+    (root / "meta.json").write_text(json.dumps(meta))
+    result = run_cli("preprocess.verify", f"out={root}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "meta.json is not build_shards' meta.json (splits.train.shards[1] without name, count, bytes or sha256)" in (
+        result.stderr
+    )
+    (root / "meta.json").write_text("[1, 2]")
+    with pytest.raises(DatasetError, match=r"is not build_shards' meta.json \(not a JSON object\)"):
+        verify(root)

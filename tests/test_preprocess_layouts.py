@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -302,9 +304,88 @@ def test_unknown_or_incomplete_sources_get_one_clear_line(sources, tmp_path):
     with pytest.raises(DatasetError, match="not an uncompressed tar"):
         scan(gz, ("train",))
     (gz / "ILSVRC2012_img_train.tar").write_bytes(tar_bytes({"README.txt": b"not a class tar\n"}))
-    with pytest.raises(DatasetError, match="holds README.txt, not a readable per-class tar"):
+    with pytest.raises(DatasetError, match="README.txt: not a readable per-class tar"):
         scan(gz, ("train",))
     train_only = shutil.copytree(sources["imagefolder"], tmp_path / "train-only")
     shutil.rmtree(train_only / "val")
     with pytest.raises(DatasetError, match="has no val images"):
         scan(train_only, ("train", "val"))
+
+
+def cut_after_member(data: bytes, index: int) -> bytes:
+    """The tar ``data`` cut right after member ``index``'s (padded) data: an interrupted download, ending exactly
+    where a member does."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        member = tar.getmembers()[index]
+    return data[: member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE]
+
+
+def test_tars_cut_between_two_members_are_refused(sources, tmp_path):
+    """tarfile itself ends iteration without a word there; every image after the cut would silently be missing."""
+    src = shutil.copytree(sources["official"], tmp_path / "src")
+    val_tar = src / "ILSVRC2012_img_val.tar"
+    whole = val_tar.read_bytes()
+    val_tar.write_bytes(cut_after_member(whole, 2))
+    with pytest.raises(DatasetError, match="ILSVRC2012_img_val.tar is damaged or truncated.*download it again"):
+        scan(src, ("val",))
+    val_tar.write_bytes(whole)
+    train_tar = src / "ILSVRC2012_img_train.tar"
+    train_tar.write_bytes(cut_after_member(train_tar.read_bytes(), 1))  # the third class tar is missing
+    with pytest.raises(DatasetError, match="ILSVRC2012_img_train.tar is damaged or truncated"):
+        scan(src, ("train",))
+    with pytest.raises(DatasetError, match="ILSVRC2012_img_train.tar is damaged or truncated"):
+        scan(src, ("val",))  # its class list sets the label indices of val too
+    with tarfile.open(fileobj=io.BytesIO((sources["official"] / "ILSVRC2012_img_train.tar").read_bytes())) as tar:
+        class_tars = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    class_tars["n02000002.tar"] = cut_after_member(class_tars["n02000002.tar"], 1)  # inside a whole outer tar
+    train_tar.write_bytes(tar_bytes(class_tars))
+    with pytest.raises(DatasetError, match="ILSVRC2012_img_train.tar/n02000002.tar is damaged or truncated"):
+        scan(src, ("train",))
+
+
+def test_stray_and_empty_members_of_the_train_tar_are_listed_not_fatal(sources, tmp_path):
+    src = shutil.copytree(sources["official"], tmp_path / "src")
+    train_tar = src / "ILSVRC2012_img_train.tar"
+    with tarfile.open(train_tar) as tar:
+        class_tars = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    train_tar.write_bytes(tar_bytes({**class_tars, "n04000004.tar": b"", "README.txt": b"ILSVRC-2012\n"}))
+    dataset = scan(src, ("train",))
+    assert len(dataset.records["train"]) == 3 * TRAIN_PER_CLASS
+    # the empty class keeps its index (torchvision's rule for an empty class folder); the stray file is no class
+    assert [wnid for wnid, _ in dataset.classes] == [*sorted(SORTED_INDEX), "n04000004"]
+    reasons = {Path(entry["path"]).name: entry["reason"] for entry in dataset.unusable}
+    assert set(reasons) == {"n04000004.tar", "README.txt"}
+    assert all("not a readable per-class tar" in reason for reason in reasons.values())
+
+
+def test_file_names_that_are_not_utf8_are_listed_not_fatal(sources, tmp_path):
+    src = shutil.copytree(sources["imagefolder"], tmp_path / "src")
+    bad_name = os.fsencode(src / "train" / "n01000001") + b"/caf\xe9.JPEG"  # Latin-1 bytes
+    try:
+        with open(bad_name, "wb") as file:
+            file.write(photo_jpeg(5))
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    out = tmp_path / "out"
+    summary = build_shards(src, out, splits=["train"], image_size=32, workers=1, show_progress=False)
+    assert summary["counts"] == {"train": 3 * TRAIN_PER_CLASS} and summary["rejected"] == 1
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    assert [os.fsencode(entry["path"]) for entry in rejected] == [bad_name]
+    assert "not valid UTF-8" in rejected[0]["reason"]
+    os.rename(os.fsencode(src / "train" / "n01000001"), os.fsencode(src / "train") + b"/n01\xff")
+    with pytest.raises(DatasetError, match="is not a valid UTF-8 name"):
+        scan(src, ("train",))
+
+
+def test_a_damaged_devkit_is_one_clear_line(sources, tmp_path):
+    src = shutil.copytree(sources["official-val-folder"], tmp_path / "src")
+    meta_mat = src / "ILSVRC2012_devkit_t12/data/meta.mat"
+    good = meta_mat.read_bytes()
+    for damaged in (good[: len(good) // 2], b"MATLAB 5.0" * 40, good.replace(b"num_children", b"num_kids_xxxx")):
+        meta_mat.write_bytes(damaged)
+        with pytest.raises(DatasetError, match="meta.mat is damaged or not the ILSVRC-2012 devkit's"):
+            scan(src, ("val",))
+    meta_mat.write_bytes(good)
+    (src / "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt").unlink()
+    with pytest.raises(DatasetError, match="has no ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth"):
+        scan(src, ("val",))
