@@ -32,9 +32,10 @@ def one_line(err: BaseException) -> str:
 
 def quote_paths(argv: Sequence[str], keys: Sequence[str]) -> list[str]:
     """The values of ``keys`` quoted for Hydra, so that a path arrives as typed: Hydra's override grammar would read
-    ``out=256`` as a number, ``out=true`` as a boolean, an unquoted comma as a sweep, and stops at ``=``, brackets
-    or spaces (train.main's own run folders, ``<key>=<value>,<key>=<value>``, have commas and ``=``); ``${`` would
-    start an interpolation. A value already in Hydra's syntax (quoted, a list, ``choice(...)``) is left alone."""
+    ``out=256`` as a number, ``out=true`` as a boolean, an unquoted comma as a sweep, and stops at ``=``, quotes,
+    brackets or spaces (train.main's own run folders, ``<key>=<value>,<key>=<value>``, have commas and ``=``).
+    Interpolations still work (``hydra.run.dir=runs/${now:%H-%M}``, ``out=${oc.env:SHARDS}``). A value already in
+    Hydra's syntax (quoted, a list, ``choice(...)``) is left alone."""
     quoted = []
     for arg in argv:
         key, _, value = arg.partition("=")
@@ -44,10 +45,10 @@ def quote_paths(argv: Sequence[str], keys: Sequence[str]) -> list[str]:
 
 
 def hydra_quoted(text: str) -> str:
-    """``text`` as a single-quoted Hydra string with the same value: quotes and ``${`` escaped, and the backslashes
-    before them (or at the end) doubled, as Hydra's grammar reads an escaped backslash there."""
-    text = re.sub(r"(\\+)(?='|\$\{|$)", r"\1\1", text)
-    return "'" + text.replace("'", "\\'").replace("${", "\\${") + "'"
+    """``text`` as a single-quoted Hydra string with the same value: quotes escaped, and the backslashes before them
+    (or at the end) doubled, as Hydra's grammar reads an escaped backslash there."""
+    text = re.sub(r"(\\+)(?='|$)", r"\1\1", text)
+    return "'" + text.replace("'", "\\'") + "'"
 
 
 def unknown_key_line(key: str) -> str:

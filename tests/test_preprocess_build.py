@@ -204,11 +204,11 @@ def run_cli(*args: str, cwd: Path = REPO, **kwargs) -> subprocess.CompletedProce
 
 
 def test_paths_reach_the_commands_as_typed(digits_src, tmp_path):
-    """Hydra would read src=2012 as a number, out=true as a boolean, ``${`` as an interpolation, a quote as its
-    grammar's: the commands take their path values literally."""
+    """Hydra would read src=2012 as a number, out=true as a boolean, a quote or a comma as its grammar's: the
+    commands take their path values literally (interpolations still work)."""
     shutil.copytree(digits_src / "train" / "d0", tmp_path / "2012" / "train" / "d0")
     shutil.copytree(digits_src / "train" / "d1", tmp_path / "2012" / "train" / "d1")
-    out = "it's ${x} [a,b]\\"
+    out = "it's [a,b]=c\\"
     done = run_cli(
         "preprocess.build_shards", "src=2012", f"out={out}", "splits=train", "image_size=32", "show_progress=false",
         cwd=tmp_path,
@@ -217,6 +217,9 @@ def test_paths_reach_the_commands_as_typed(digits_src, tmp_path):
     assert (tmp_path / out / "meta.json").is_file()
     checked = run_cli("preprocess.verify", f"out={out}", cwd=tmp_path)
     assert checked.returncode == 0 and checked.stdout.startswith(f"{out}: OK"), checked.stderr
+    env = {**os.environ, "SHARDS": str(tmp_path / out)}
+    checked = run_cli("preprocess.verify", "out=${oc.env:SHARDS}", cwd=tmp_path, env=env)
+    assert checked.returncode == 0 and checked.stdout.startswith(f"{tmp_path / out}: OK"), checked.stderr
     for name in ("256", "true"):
         missing = run_cli("preprocess.verify", f"out={name}", cwd=tmp_path)
         assert missing.returncode == 2 and missing.stderr == f"error: data folder {name} does not exist: " + (
