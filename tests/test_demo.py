@@ -32,6 +32,13 @@ def test_help_and_bad_arguments() -> None:
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "out=DIR" in bad.stderr
 
 
+def test_each_rank_count_trains_its_own_demo_run() -> None:
+    from train.demo import demo_run_dir
+
+    assert demo_run_dir("2") == Path("outputs/demo/default")  # the experiment's count: the folder the docs name
+    assert demo_run_dir("1") == Path("outputs/demo/trainer.devices=1")  # another run, not a resume of that one
+
+
 def test_ctrl_c_lets_the_running_step_finish_stopping(tmp_path: Path) -> None:
     saved, ready = tmp_path / "saved", tmp_path / "ready"
     step = [sys.executable, "-c", SLOW_TO_STOP_STEP, str(saved), str(ready)]

@@ -27,7 +27,12 @@ from preprocess.cli import EXIT_BAD_INPUT
 from preprocess.shard_format import META_FILE
 
 DEMO_IMAGE_SIZE = 128
-RUN_DIR = Path("outputs/demo/default")
+DEMO_DEVICES = "2"  # conf/experiment/demo.yaml's trainer.devices
+
+
+def demo_run_dir(devices: str) -> Path:
+    """Where train.main writes the demo run: Hydra's name for it, a folder per rank count (each is its own run)."""
+    return Path("outputs/demo") / ("default" if devices == DEMO_DEVICES else f"trainer.devices={devices}")
 
 
 def run(command: list[str]) -> None:
@@ -59,7 +64,8 @@ def main(argv: list[str]) -> None:
         print(f"error: unknown arguments {argv}: the demo takes out=DIR and devices=N (see --help)", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     out = Path(args.get("out", "data/demo"))
-    devices = args.get("devices", "2")
+    devices = args.get("devices", DEMO_DEVICES)
+    run_dir = demo_run_dir(devices)  # passed to train.main, so the later steps find it whatever Hydra's naming
     src, shards = out / "src", out / "shards"
     py = sys.executable
     started = time.time()
@@ -68,18 +74,19 @@ def main(argv: list[str]) -> None:
         run([py, "-m", "preprocess.demo_data", f"out={src}"])
     if not (shards / META_FILE).is_file():
         run([py, "-m", "preprocess.build_shards", f"src={src}", f"out={shards}", f"image_size={DEMO_IMAGE_SIZE}"])
-    run([py, "-m", "train.main", "+experiment=demo", f"data.root={shards}", f"trainer.devices={devices}"])
-    checkpoint = RUN_DIR / "checkpoints" / "best.pt"
-    run([py, "-m", "train.evaluate", f"checkpoint={checkpoint}", f"data.root={shards}", f"out={RUN_DIR / 'eval.json'}"])
-    run([py, "-m", "train.visualize", f"checkpoint={checkpoint}", f"data.root={shards}", f"out={RUN_DIR / 'figures'}"])
+    train = [py, "-m", "train.main", "+experiment=demo", f"data.root={shards}", f"trainer.devices={devices}"]
+    run([*train, f"hydra.run.dir={run_dir}"])
+    checkpoint = run_dir / "checkpoints" / "best.pt"
+    run([py, "-m", "train.evaluate", f"checkpoint={checkpoint}", f"data.root={shards}", f"out={run_dir / 'eval.json'}"])
+    run([py, "-m", "train.visualize", f"checkpoint={checkpoint}", f"data.root={shards}", f"out={run_dir / 'figures'}"])
 
-    result = json.loads((RUN_DIR / "eval.json").read_text())
+    result = json.loads((run_dir / "eval.json").read_text())
     chance = 1 - 1 / 10
     patches = result["per_model"][0]["patches"]  # 5: no mirrored patches for a model trained without flips
     print(
         f"\ndemo done in {time.time() - started:.0f} s: validation top-1 error {result['top1_err']:.1%} centre crop, "
         f"{result['tencrop_top1_err']:.1%} with {patches} patches (chance: {chance:.0%}) on {result['count']} images; "
-        f"figures in {RUN_DIR / 'figures'}"
+        f"figures in {run_dir / 'figures'}"
     )
 
 
