@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.lighting import LIGHTING_SCALES, MEAN_MODES, channel_std, lighting_matrix
 from preprocess.config_values import ConfigValueError, as_bool, as_choice, as_float, as_int, as_optional_int
-from preprocess.shard_format import META_FILE, DatasetError, PixelStats, check_meta, read_meta, shard_paths
+from preprocess.shard_format import DatasetError, PixelStats, read_meta, shard_paths
 
 MODES = ("train", "center", "tencrop")
 LOADERS = ("dali", "torch")
@@ -165,7 +165,8 @@ class SplitPlan:
 
 
 def plan_split(spec: DataSpec, meta: dict, split: str, mode: str, rank: int, world_size: int) -> SplitPlan:
-    """Check the request against the shard folder and fix this rank's share of ``split``."""
+    """Check the request against the shard folder (``meta`` as ``read_meta`` returns it, checked) and fix this rank's
+    share of ``split``."""
     as_choice("mode", mode, MODES)
     if not 0 <= rank < world_size:
         raise DatasetError(f"rank {rank} is outside world_size {world_size}")
@@ -173,8 +174,8 @@ def plan_split(spec: DataSpec, meta: dict, split: str, mode: str, rank: int, wor
         raise DatasetError(
             f"data.batch_size={spec.batch_size} does not divide by world_size={world_size}: use a multiple"
         )
-    image_size = check_meta(meta, Path(spec.root) / META_FILE)["settings"]["image_size"]
     paths = tuple(shard_paths(spec.root, split, meta))
+    image_size = meta["settings"]["image_size"]  # an int: read_meta checked it
     if not spec.crop_size <= image_size:
         raise DatasetError(
             f"data.crop_size={spec.crop_size} does not fit the {image_size}px images of {spec.root}: "

@@ -173,12 +173,6 @@ def read_meta(root: str | Path) -> dict:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DatasetError(f"{meta_path} is not valid JSON ({err}); re-run preprocess.build_shards") from None
-    return check_meta(meta, meta_path)
-
-
-def check_meta(meta: object, meta_path: Path) -> dict:
-    """``meta`` if it has what every reader of meta.json indexes (so none meets a KeyError), else a one-line
-    ``DatasetError`` naming what is missing."""
     problem = _meta_problem(meta)
     if problem:
         raise DatasetError(f"{meta_path} is not build_shards' meta.json ({problem}): re-run preprocess.build_shards")
@@ -186,6 +180,8 @@ def check_meta(meta: object, meta_path: Path) -> dict:
 
 
 def _meta_problem(meta: object) -> str:
+    """What keeps ``meta`` from having everything the readers of meta.json index (so none meets a KeyError), or
+    ``""``."""
     if not isinstance(meta, dict):
         return "not a JSON object"
     for key, kind in (("classes", list), ("splits", dict), ("settings", dict)):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import pytest
 
-from pipeline.config import DataSpec, SplitPlan, plan_split, ranks_on_this_node, shard_range
+from pipeline.config import DataSpec, SplitPlan, load_dataset, ranks_on_this_node, shard_range
 from pipeline.lighting import (
     augment_numpy,
     channel_std,
@@ -116,8 +117,9 @@ def test_meta_without_image_size_is_one_readable_line(tmp_path) -> None:
         (tmp_path / "val" / name).touch()
     shard = {"name": "val-000000.tar", "count": 1, "bytes": 0, "sha256": ""}
     meta = {"classes": [], "splits": {"val": {"count": 1, "shards": [shard]}}, "settings": {}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DatasetError, match=r"meta.json is not build_shards' meta.json \(no settings.image_size\)"):
-        plan_split(DataSpec.from_cfg({"root": str(tmp_path), "batch_size": 1}), meta, "val", "center", 0, 1)
+        load_dataset(DataSpec.from_cfg({"root": str(tmp_path), "batch_size": 1}))  # what every loader reads first
 
 
 def test_bad_config_is_one_readable_line() -> None:
